@@ -1,0 +1,1 @@
+"""Drafter models in torch whose saved layout vLLM's speculative methods load."""

@@ -1,0 +1,136 @@
+"""The respec vLLM server: verl's ``vLLMHttpServer`` with speculative decoding, per-request stats and
+drafter hot-swap.
+
+It builds vLLM's ``speculative_config`` from the respec block, asks vLLM for detailed per-request spec stats,
+adds them to each ``TokenOutput.extra_fields["respec"]``, and serves numbered drafter versions: version 0 is
+pushed from the checkpoint at start-up (verl's ``load_format=dummy`` would otherwise leave the drafter random),
+later versions come from :meth:`push_drafter`. A push that fails leaves the previous version serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
+
+from respec_plugin.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError, check_vllm_supports
+from respec_plugin.drafter.checkpoint import read_drafter_tensors
+from respec_plugin.rollout.engine_proxy import SpecStatsEngine
+from respec_plugin.rollout.spec_stats import EXTRA_KEY, request_stats
+
+logger = logging.getLogger(__name__)
+
+WORKER_EXTENSION_CLS = "respec_plugin.rollout.worker_extension.ReSpecWorkerExtension"
+
+
+class ReSpecHttpServer(vLLMHttpServer):
+    """One respec rollout server (a Ray actor owning an ``AsyncLLM``)."""
+
+    # ----- verl hooks -------------------------------------------------------------------------------------
+
+    def _init_config(self, config):
+        config = super()._init_config(config)
+        self.respec = ReSpecConfig.from_rollout_config(config)
+        check_vllm_supports(self.respec)
+        self.drafter_version = -1  # no drafter loaded yet
+        self.drafter_push_failures = 0
+        self._last_good_drafter: list[tuple[str, torch.Tensor]] | None = None
+        return config
+
+    def _validate_configs(self) -> None:
+        super()._validate_configs()
+        self.respec.check_against_actor(self.model_config.hf_config)
+        mtp = getattr(self.config, "mtp", None)
+        if mtp is not None and mtp.enable and mtp.enable_rollout:
+            raise ReSpecConfigError(
+                "actor_rollout_ref.rollout.mtp.enable_rollout=True conflicts with rollout.name='respec': both set "
+                f"vLLM's speculative_config. Turn MTP rollout off, or use {CONFIG_PREFIX}.method to pick a drafter."
+            )
+
+    def _preprocess_engine_kwargs(self, engine_kwargs: dict) -> None:
+        super()._preprocess_engine_kwargs(engine_kwargs)
+        if engine_kwargs.get("speculative_config"):
+            raise ReSpecConfigError(
+                "actor_rollout_ref.rollout.engine_kwargs.vllm.speculative_config is set, but with "
+                f"rollout.name='respec' the drafter comes from {CONFIG_PREFIX}.*; remove the engine_kwargs entry."
+            )
+        speculative_config = self.respec.speculative_config()
+        if speculative_config is not None:
+            engine_kwargs["speculative_config"] = speculative_config
+            engine_kwargs["per_request_spec_decode_metrics"] = "detailed"
+
+    def _get_worker_extension_cls(self) -> str:
+        return WORKER_EXTENSION_CLS
+
+    async def run_server(self, args):
+        await super().run_server(args)
+        self.engine = SpecStatsEngine(self.engine)
+        if self._has_drafter_weights:
+            report = await self.push_drafter(read_drafter_tensors(self.respec.drafter_path), version=0)
+            if not report["ok"]:
+                raise ReSpecConfigError(
+                    f"{CONFIG_PREFIX}.drafter_path={self.respec.drafter_path!r} could not be loaded into the "
+                    f"engine: {report['error']}. Check that the checkpoint was built for this actor."
+                )
+
+    async def generate(self, prompt_ids, sampling_params, request_id, *args, **kwargs):
+        try:
+            output = await super().generate(prompt_ids, sampling_params, request_id, *args, **kwargs)
+        finally:
+            finished = self.engine.pop_finished(request_id) if isinstance(self.engine, SpecStatsEngine) else None
+        if finished is not None:
+            output.extra_fields[EXTRA_KEY] = request_stats(
+                finished.per_step_drafted,
+                finished.per_step_accepted,
+                num_output_tokens=finished.num_output_tokens,
+                num_speculative_tokens=self.respec.num_speculative_tokens,
+                drafter_version=self.drafter_version,
+                start_time=finished.start_time,
+                end_time=finished.end_time,
+            ).to_extra_field()
+        return output
+
+    # ----- drafter versions -------------------------------------------------------------------------------
+
+    @property
+    def _has_drafter_weights(self) -> bool:
+        return self.respec.speculation_enabled and self.respec.method in ("eagle3", "draft_model")
+
+    async def push_drafter(self, weights: list[tuple[str, torch.Tensor]], version: int) -> dict[str, Any]:
+        """Load drafter ``version`` into every worker; on failure keep serving the previous version.
+
+        Returns ``{"ok", "version" (now serving), "error", "failures"}``; never raises for a bad drafter, so a
+        broken learner output cannot take down the rollout.
+        """
+        if not self._has_drafter_weights:
+            return self._push_report(False, "this respec server has no drafter weights (ngram or k=0)")
+        try:
+            await self.engine.collective_rpc("respec_load_drafter", kwargs={"weights": weights, "version": version})
+        except Exception as e:  # a worker rejected it (shape, dtype, NaN...): the rollback already happened
+            self.drafter_push_failures += 1
+            logger.error("drafter v%d rejected, still serving v%d: %s", version, self.drafter_version, e)
+            return self._push_report(False, str(e))
+        self.drafter_version = version
+        self._last_good_drafter = weights
+        # Cached prefix blocks hold drafter KV computed with the old weights.
+        await self.engine.reset_prefix_cache()
+        logger.info("drafter v%d serving", version)
+        return self._push_report(True, None)
+
+    async def restore_drafter_after_weight_sync(self) -> None:
+        """Re-push the serving drafter when sleep discarded it (verl's level-2 sleep frees all weights and the
+        actor sync restores only the actor's)."""
+        if self._last_good_drafter is None or not (self.config.enable_sleep_mode and self.config.free_cache_engine):
+            return
+        report = await self.push_drafter(self._last_good_drafter, self.drafter_version)
+        if not report["ok"]:
+            raise RuntimeError(f"could not restore drafter v{self.drafter_version} after sleep: {report['error']}")
+
+    async def drafter_status(self) -> dict[str, Any]:
+        return self._push_report(self.drafter_version >= 0, None)
+
+    def _push_report(self, ok: bool, error: str | None) -> dict[str, Any]:
+        return {"ok": ok, "version": self.drafter_version, "error": error, "failures": self.drafter_push_failures}

@@ -1,0 +1,98 @@
+"""vLLM worker extension: load a new drafter version into the live engine, all or nothing.
+
+vLLM's own draft-weight API (``start_draft_weight_update`` / ``update_weights`` / ``finish_weight_update``,
+vllm/v1/worker/gpu_worker.py) runs only through a configured weight-transfer engine (NCCL or CUDA IPC),
+which verl's colocated rollout does not set up and which does not exist on CPU. So the drafter is loaded here,
+in the worker, through ``get_draft_model().load_weights`` — the same loader vLLM uses at start-up — after a
+validation pass and with a snapshot to roll back to, so a bad push never leaves a half-loaded drafter.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+
+logger = logging.getLogger(__name__)
+
+# Integer tensors a drafter checkpoint may carry (EAGLE-3 draft-to-target vocabulary maps).
+_INDEX_TENSOR_NAMES = ("d2t", "t2d")
+
+
+class DrafterPushError(RuntimeError):
+    """A drafter version that cannot be served; the previous version stays loaded."""
+
+
+class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
+    """verl's colocated worker extension plus drafter hot-swap (called through ``collective_rpc``)."""
+
+    def respec_load_drafter(self, weights: list[tuple[str, torch.Tensor]], version: int) -> dict:
+        """Load ``weights`` (checkpoint names) as drafter ``version``; roll back and raise on any failure."""
+        drafter = self.model_runner.get_draft_model()
+        if drafter is None:
+            raise DrafterPushError("this engine has no drafter model (speculation off or a model-free method)")
+        shared = _modules_shared_with_target(drafter, self.model_runner.get_model())
+        to_load, skipped = [], []
+        for name, tensor in weights:
+            if any(part in name for part in shared):
+                # Loading these would overwrite the actor's own embedding / head, which the drafter shares.
+                skipped.append(name)
+                continue
+            _check_tensor(name, tensor)
+            to_load.append((name, tensor))
+        if not to_load:
+            raise DrafterPushError(f"drafter version {version} has no loadable tensors (skipped: {skipped})")
+
+        snapshot = _snapshot_own_parameters(drafter, shared)
+        try:
+            drafter.load_weights(iter(to_load))
+            bad = [n for n, p in drafter.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+            if bad:
+                raise DrafterPushError(f"non-finite values in drafter parameters after loading: {bad[:5]}")
+        except Exception as e:
+            _restore(drafter, snapshot)
+            raise DrafterPushError(f"drafter version {version} rejected, previous version kept: {e}") from e
+        if skipped:
+            logger.warning("drafter v%d: ignored %s (shared with the actor, never overwritten)", version, skipped)
+        return {"version": version, "loaded": len(to_load), "skipped_shared": skipped}
+
+
+def _modules_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module) -> tuple[str, ...]:
+    """Names of drafter modules whose weights *are* the target's tensors (EAGLE shares embed_tokens)."""
+    target_ptrs = {p.data_ptr() for p in target.parameters()}
+    shared = []
+    for name, param in drafter.named_parameters():
+        if param.data_ptr() in target_ptrs:
+            shared.append(name.split(".")[-2] if "." in name else name)
+    return tuple(sorted(set(shared)))
+
+
+def _check_tensor(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise DrafterPushError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if name.split(".")[-1] in _INDEX_TENSOR_NAMES:
+        if tensor.is_floating_point():
+            raise DrafterPushError(f"{name}: index map must be an integer tensor, got {tensor.dtype}")
+        return
+    if not tensor.is_floating_point():
+        raise DrafterPushError(f"{name}: weights must be floating point, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise DrafterPushError(f"{name}: contains NaN or inf")
+
+
+def _snapshot_own_parameters(drafter: torch.nn.Module, shared: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A copy of the drafter's own tensors (not the target's shared ones) to roll back to."""
+    return {
+        name: tensor.detach().clone()
+        for name, tensor in drafter.state_dict().items()
+        if not any(part in name for part in shared)
+    }
+
+
+@torch.no_grad()
+def _restore(drafter: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    state = drafter.state_dict()
+    for name, saved in snapshot.items():
+        state[name].copy_(saved)

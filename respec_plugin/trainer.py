@@ -1,0 +1,88 @@
+"""Hooks into verl's v1 trainers: ``respec/*`` metrics every step when ``rollout.name=respec``.
+
+verl picks its trainer class from ``TRAINER_REGISTRY[trainer.v1.trainer_mode]`` and only aggregates
+speculation stats when MTP is on. So that users switch respec on with the rollout name alone, every registered
+trainer is replaced by a subclass with :class:`ReSpecTrainerMixin` in front; the subclass behaves exactly like
+verl's class unless the rollout is respec. The registry lives in ``verl.trainer.ppo.v1``, which is heavy and
+imported late, so the wrapping runs right after that package is first imported, in whichever process.
+A trainer registered after that import is not wrapped: put :class:`ReSpecTrainerMixin` in its bases.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import sys
+from typing import Callable
+
+from respec_plugin import ROLLOUT_NAME
+from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
+
+logger = logging.getLogger(__name__)
+
+_V1_PACKAGE = "verl.trainer.ppo.v1"
+
+
+class ReSpecTrainerMixin:
+    """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue."""
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        if self.config.actor_rollout_ref.rollout.name != ROLLOUT_NAME:
+            return
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        extra_fields = data.pop("extra_fields").tolist()
+        real = [not tag.get("is_padding", False) for tag in batch.tags]
+        records = [fields.get(EXTRA_KEY) for fields, keep in zip(extra_fields, real) if keep and fields]
+        metrics.update(aggregate_step_metrics(records))
+
+
+def hook_v1_trainers() -> None:
+    """Wrap verl's registered v1 trainers now, or right after ``verl.trainer.ppo.v1`` is imported."""
+    if _V1_PACKAGE in sys.modules:
+        _wrap_registered_trainers()
+    elif not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImportFinder(_V1_PACKAGE, _wrap_registered_trainers))
+
+
+def _wrap_registered_trainers() -> None:
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    for mode, trainer_cls in list(TRAINER_REGISTRY.items()):
+        if not issubclass(trainer_cls, ReSpecTrainerMixin):
+            TRAINER_REGISTRY[mode] = type(
+                trainer_cls.__name__, (ReSpecTrainerMixin, trainer_cls), {"__module__": trainer_cls.__module__}
+            )
+
+
+class _AfterImportFinder(importlib.abc.MetaPathFinder):
+    """Finds one module through the normal finders and runs ``callback`` once it has executed."""
+
+    def __init__(self, module_name: str, callback: Callable[[], None]):
+        self.module_name = module_name
+        self.callback = callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CallbackLoader(spec.loader, self.callback)
+        return spec
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, loader, callback: Callable[[], None]):
+        self.loader = loader
+        self.callback = callback
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.callback()
