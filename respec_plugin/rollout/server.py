@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
@@ -108,7 +109,10 @@ class ReSpecHttpServer(vLLMHttpServer):
         if not self._has_drafter_weights:
             return self._push_report(False, "this respec server has no drafter weights (ngram or k=0)")
         try:
-            await self.engine.collective_rpc("respec_load_drafter", kwargs={"weights": weights, "version": version})
+            payload = safetensors.torch.save({name: tensor.detach().cpu().contiguous() for name, tensor in weights})
+            await self.engine.collective_rpc(
+                "respec_load_drafter", kwargs={"safetensors_bytes": payload, "version": version}
+            )
         except Exception as e:  # a worker rejected it (shape, dtype, NaN...): the rollback already happened
             self.drafter_push_failures += 1
             logger.error("drafter v%d rejected, still serving v%d: %s", version, self.drafter_version, e)

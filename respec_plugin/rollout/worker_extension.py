@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import safetensors.torch
 import torch
 
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
@@ -28,8 +29,13 @@ class DrafterPushError(RuntimeError):
 class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
     """verl's colocated worker extension plus drafter hot-swap (called through ``collective_rpc``)."""
 
-    def respec_load_drafter(self, weights: list[tuple[str, torch.Tensor]], version: int) -> dict:
-        """Load ``weights`` (checkpoint names) as drafter ``version``; roll back and raise on any failure."""
+    def respec_load_drafter(self, safetensors_bytes: bytes, version: int) -> dict:
+        """Load a serialized drafter (checkpoint names) as ``version``; roll back and raise on any failure.
+
+        The weights arrive as safetensors bytes: ``collective_rpc`` carries bytes intact to every worker
+        (local or on another node), while tensors in its arguments would arrive as nested lists.
+        """
+        weights = safetensors.torch.load(safetensors_bytes).items()
         drafter = self.model_runner.get_draft_model()
         if drafter is None:
             raise DrafterPushError("this engine has no drafter model (speculation off or a model-free method)")
@@ -70,8 +76,6 @@ def _modules_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Modul
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise DrafterPushError(f"{name}: expected a tensor, got {type(tensor).__name__}")
     if name.split(".")[-1] in _INDEX_TENSOR_NAMES:
         if tensor.is_floating_point():
             raise DrafterPushError(f"{name}: index map must be an integer tensor, got {tensor.dtype}")
