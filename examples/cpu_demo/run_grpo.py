@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, parse_console_metrics, run_logged
+from respec_plugin.lab.launch import grpo_command, parse_console_metrics, rollout_tokens_per_s, run_logged
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = (
@@ -28,13 +28,6 @@ COLUMNS = (
     ("gen_s", "timing_s/gen"),
     ("step_s", "timing_s/step"),
 )
-
-
-def gen_tokens_per_s(step_metrics: dict[str, float], num_sequences: int) -> float | None:
-    """Rollout throughput from verl's own metrics, the same for every rollout backend."""
-    if "response_length/mean" not in step_metrics or not step_metrics.get("timing_s/gen"):
-        return None
-    return step_metrics["response_length/mean"] * num_sequences / step_metrics["timing_s/gen"]
 
 
 def format_row(step: int, metrics: dict[str, float]) -> str:
@@ -88,7 +81,7 @@ def main() -> None:
         finished = not runner.is_alive()
         steps = parse_console_metrics(log_path.read_text(errors="replace")) if log_path.exists() else {}
         for step in sorted(set(steps) - printed):
-            steps[step]["gen_tokens_per_s"] = gen_tokens_per_s(steps[step], num_sequences)
+            steps[step]["gen_tokens_per_s"] = rollout_tokens_per_s(steps[step], num_sequences)
             print(format_row(step, steps[step]), flush=True)
             printed.add(step)
         if finished:
@@ -96,7 +89,7 @@ def main() -> None:
         runner.join(timeout=5)
 
     run = result["run"]
-    per_step = {step: m | {"gen_tokens_per_s": gen_tokens_per_s(m, num_sequences)} for step, m in run.metrics.items()}
+    per_step = {step: m | {"gen_tokens_per_s": rollout_tokens_per_s(m, num_sequences)} for step, m in run.metrics.items()}
     (out_dir / "summary.json").write_text(json.dumps({"rollout": args.rollout, "wall_s": run.wall_s, "steps": per_step}))
     if not run.ok or not per_step:
         raise SystemExit(f"verl run failed (exit {run.returncode}); see {log_path}")

@@ -247,3 +247,11 @@ def parse_console_metrics(log_text: str) -> dict[int, dict[str, float]]:
             if key and value is not None:
                 metrics[key] = value
     return dict(sorted(steps.items()))
+
+
+def rollout_tokens_per_s(step_metrics: Mapping[str, float], num_sequences: int) -> float | None:
+    """Rollout throughput from verl's own metrics (mean response length x sequences / ``timing_s/gen``), the
+    same measure for every rollout backend, so respec and stock vLLM compare on equal terms."""
+    if "response_length/mean" not in step_metrics or not step_metrics.get("timing_s/gen"):
+        return None
+    return step_metrics["response_length/mean"] * num_sequences / step_metrics["timing_s/gen"]

@@ -22,9 +22,7 @@ class ReSpecReplica(vLLMReplica):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        respec = ReSpecConfig.from_rollout_config(self.config)
-        check_vllm_supports(respec)
-        respec.check_against_actor(self.model_config.hf_config)
+        check_vllm_supports(ReSpecConfig.from_rollout_config(self.config))
         self.server_class = ray.remote(ReSpecHttpServer)
 
     def _get_server_name_prefix(self) -> str:
