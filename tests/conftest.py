@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("VERL_PLATFORM", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Lab builds are cached inside the clone (git-ignored), so a test run caches nothing outside it.
+os.environ.setdefault(
+    "RESPEC_CACHE", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "respec")
+)
 
 import pytest  # noqa: E402
 
