@@ -45,7 +45,7 @@ from respec_plugin.lab.models import (
 logger = logging.getLogger(__name__)
 
 # Bump when a code change alters what a build produces: it invalidates every cached lab.
-LAB_VERSION = 1
+LAB_VERSION = 2
 MANIFEST = "lab.json"
 MAX_NEW_TOKENS = 96
 
@@ -78,12 +78,12 @@ class LabPreset:
 PRESETS: dict[str, LabPreset] = {
     # Mechanics (tests): builds in about two minutes on 2 CPU cores.
     "tiny": LabPreset(
-        data=MathDataSpec(num_train=2048, num_val=64, max_operand=20, seed=0),
+        data=MathDataSpec(num_train=2048, num_val=64, max_operand=10, seed=0),
         tokenizer_vocab_size=512,
         actor=ActorSpec(num_hidden_layers=4, hidden_size=128, intermediate_size=384, num_attention_heads=2,
                         num_key_value_heads=1),
         depth_expansion=1,
-        supervision=SupervisionSpec(steps=300, batch_size=16, learning_rate=3e-3, seed=0),
+        supervision=SupervisionSpec(steps=300, batch_size=16, learning_rate=5e-3, seed=0),
         drafter=DrafterSpec(draft_vocab_size=256, eagle_aux_hidden_state_layer_ids=(1, 2, 3), num_warmup_sequences=256,
                             distill=DistillSpec(steps=120, batch_size=32, learning_rate=3e-3, num_draft_steps=3,
                                                 seed=0)),

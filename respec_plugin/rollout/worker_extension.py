@@ -39,6 +39,8 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
         drafter = self.model_runner.get_draft_model()
         if drafter is None:
             raise DrafterPushError("this engine has no drafter model (speculation off or a model-free method)")
+        if not any("embed_tokens" in name for name, _ in weights):
+            _share_target_embedding(drafter, self.model_runner.get_model())
         shared = _modules_shared_with_target(drafter, self.model_runner.get_model())
         to_load, skipped = [], []
         for name, tensor in weights:
@@ -63,6 +65,17 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
         if skipped:
             logger.warning("drafter v%d: ignored %s (shared with the actor, never overwritten)", version, skipped)
         return {"version": version, "loaded": len(to_load), "skipped_shared": skipped}
+
+
+def _share_target_embedding(drafter: torch.nn.Module, target: torch.nn.Module) -> None:
+    """A checkpoint without ``embed_tokens`` means "use the actor's", which vLLM arranges only when it reads the
+    checkpoint at start-up; with verl's ``load_format=dummy`` it never does, and the drafter keeps a random
+    embedding (acceptance ~0). Bind the target's embedding module, as vLLM's loader would have."""
+    drafter_model, target_model = getattr(drafter, "model", None), getattr(target, "model", None)
+    if drafter_model is None or target_model is None or not hasattr(target_model, "embed_tokens"):
+        return
+    if getattr(drafter_model, "embed_tokens", None) is not target_model.embed_tokens:
+        drafter_model.embed_tokens = target_model.embed_tokens
 
 
 def _modules_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module) -> tuple[str, ...]:
