@@ -104,9 +104,9 @@ def server(ray_cluster, tiny_lab):
     ray.kill(handle)
 
 
-def _generate(server, prompts):
-    greedy = {"temperature": 0.0, "max_tokens": MAX_TOKENS}
-    refs = [server.generate.remote(p, dict(greedy), uuid.uuid4().hex) for p in prompts]
+def _generate(server, prompts, temperature=0.0):
+    sampling = {"temperature": temperature, "max_tokens": MAX_TOKENS}
+    refs = [server.generate.remote(p, dict(sampling), uuid.uuid4().hex) for p in prompts]
     return ray.get(refs)
 
 
@@ -164,6 +164,9 @@ def test_hot_swap_raises_acceptance_and_bad_versions_roll_back(server, prompts, 
     assert _acceptance_length(swapped) > _acceptance_length(day0) + 0.3
     # Lossless: the drafter changes speed, never the greedy tokens.
     assert [o.token_ids for o in swapped] == [o.token_ids for o in day0]
+    # GRPO samples at temperature 1: the warmed-up drafter keeps most of its acceptance there (the lab build
+    # predicts ~0.7 per position); broken sampling on vLLM CPU (lab/vllm_cpu_sampling.py) gave ~1.0.
+    assert _acceptance_length(_generate(server, prompts, temperature=1.0)) > 1.8
 
     nan_drafter = [(n, torch.full_like(t, math.nan) if t.is_floating_point() else t) for n, t in trained]
     wrong_shape = [(n, t[:-1] if n == "fc.weight" else t) for n, t in trained]
