@@ -39,8 +39,10 @@ def test_grpo_with_respec_completes_and_logs_respec_metrics(respec_run):
     for step, metrics in respec_run.metrics.items():
         assert metrics["respec/k"] == 3
         assert metrics["respec/drafter_version"] == 0
-        assert 0.0 < metrics["respec/accept_rate"] <= 1.0  # the drafter is used, and some drafts land
-        assert 1.0 <= metrics["respec/accept_length"] <= 4.0
+        assert 0.0 < metrics["respec/accept_rate"] <= 1.0
+        # The lab's warmed-up drafter, served through verl's dummy-init + weight sync at temperature 1, keeps the
+        # acceptance it shows standalone (~2.7 at k=3); it was ~1.2 when the drafter ran with the actor's lm_head.
+        assert 2.0 <= metrics["respec/accept_length"] <= 4.0
         assert metrics["respec/rollout_tokens_per_s"] > 0
         assert 0.0 <= metrics["respec/accepted_per_pos/2"] <= metrics["respec/accepted_per_pos/0"] <= 1.0
         # Our per-request token counts agree with verl's own response lengths.

@@ -1,10 +1,11 @@
 """The respec vLLM server: verl's ``vLLMHttpServer`` with speculative decoding, per-request stats and
 drafter hot-swap.
 
-It builds vLLM's ``speculative_config`` from the respec block, asks vLLM for detailed per-request spec stats,
-adds them to each ``TokenOutput.extra_fields["respec"]``, and serves numbered drafter versions: version 0 is
-pushed from the checkpoint at start-up (verl's ``load_format=dummy`` would otherwise leave the drafter random),
-later versions come from :meth:`push_drafter`. A push that fails leaves the previous version serving.
+It builds vLLM's ``speculative_config`` from the respec block (the drafter always read from its checkpoint, even
+under verl's ``load_format=dummy``), asks vLLM for detailed per-request spec stats, adds them to each
+``TokenOutput.extra_fields["respec"]``, and serves numbered drafter versions: version 0 is the checkpoint, pushed
+again at start-up through the same validated path as every later version from :meth:`push_drafter`. A push that
+fails leaves the previous version serving.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class ReSpecHttpServer(vLLMHttpServer):
             )
         speculative_config = self.respec.speculative_config()
         if speculative_config is not None:
+            if self._has_drafter_weights and self.config.load_format == "dummy":
+                # verl dummy-initialises the actor and syncs its weights later; the drafter has no such sync, and
+                # a dummy-initialised EAGLE head also takes the actor's lm_head in place of its own (vLLM only
+                # learns that the checkpoint has one while reading it) and drafts garbage. Read it for real.
+                speculative_config["draft_load_config"] = {"load_format": "auto"}
             engine_kwargs["speculative_config"] = speculative_config
             engine_kwargs["per_request_spec_decode_metrics"] = "detailed"
 

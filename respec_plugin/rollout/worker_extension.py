@@ -39,13 +39,18 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
         drafter = self.model_runner.get_draft_model()
         if drafter is None:
             raise DrafterPushError("this engine has no drafter model (speculation off or a model-free method)")
-        if not any("embed_tokens" in name for name, _ in weights):
-            _share_target_embedding(drafter, self.model_runner.get_model())
-        shared = _modules_shared_with_target(drafter, self.model_runner.get_model())
+        shared = _params_shared_with_target(drafter, self.model_runner.get_model())
         to_load, skipped = [], []
         for name, tensor in weights:
-            if any(part in name for part in shared):
-                # Loading these would overwrite the actor's own embedding / head, which the drafter shares.
+            shared_param = next((param for part, param in shared.items() if part in name), None)
+            if shared_param is not None:
+                if tuple(tensor.shape) != tuple(shared_param.shape):
+                    raise DrafterPushError(
+                        f"{name} has shape {tuple(tensor.shape)}, but this engine's drafter uses the actor's tensor "
+                        f"of shape {tuple(shared_param.shape)} there (vLLM shares it when the drafter it started with "
+                        "had none); start the engine from a drafter checkpoint with the same layout"
+                    )
+                # A copy of the actor's own embedding / head: loading it would overwrite the actor's tensor.
                 skipped.append(name)
                 continue
             _check_tensor(name, tensor)
@@ -67,25 +72,15 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
         return {"version": version, "loaded": len(to_load), "skipped_shared": skipped}
 
 
-def _share_target_embedding(drafter: torch.nn.Module, target: torch.nn.Module) -> None:
-    """A checkpoint without ``embed_tokens`` means "use the actor's", which vLLM arranges only when it reads the
-    checkpoint at start-up; with verl's ``load_format=dummy`` it never does, and the drafter keeps a random
-    embedding (acceptance ~0). Bind the target's embedding module, as vLLM's loader would have."""
-    drafter_model, target_model = getattr(drafter, "model", None), getattr(target, "model", None)
-    if drafter_model is None or target_model is None or not hasattr(target_model, "embed_tokens"):
-        return
-    if getattr(drafter_model, "embed_tokens", None) is not target_model.embed_tokens:
-        drafter_model.embed_tokens = target_model.embed_tokens
-
-
-def _modules_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module) -> tuple[str, ...]:
-    """Names of drafter modules whose weights *are* the target's tensors (EAGLE shares embed_tokens)."""
+def _params_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Drafter modules (by name) whose weights *are* the target's tensors: vLLM gives an EAGLE drafter the actor's
+    embed_tokens / lm_head when its checkpoint has none (or an identical copy)."""
     target_ptrs = {p.data_ptr() for p in target.parameters()}
-    shared = []
-    for name, param in drafter.named_parameters():
-        if param.data_ptr() in target_ptrs:
-            shared.append(name.split(".")[-2] if "." in name else name)
-    return tuple(sorted(set(shared)))
+    return {
+        (name.split(".")[-2] if "." in name else name): param
+        for name, param in drafter.named_parameters()
+        if param.data_ptr() in target_ptrs
+    }
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:
@@ -99,7 +94,9 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
         raise DrafterPushError(f"{name}: contains NaN or inf")
 
 
-def _snapshot_own_parameters(drafter: torch.nn.Module, shared: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _snapshot_own_parameters(
+    drafter: torch.nn.Module, shared: dict[str, torch.nn.Parameter],
+) -> dict[str, torch.Tensor]:
     """A copy of the drafter's own tensors (not the target's shared ones) to roll back to."""
     return {
         name: tensor.detach().clone()

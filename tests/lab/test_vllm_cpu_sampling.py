@@ -66,4 +66,5 @@ def test_rejection_sampler_expands_float_temperatures_in_a_vllm_cpu_worker() -> 
     )
     if "assert current_platform.is_cpu()" in result.stderr:
         pytest.skip("not vLLM's CPU backend")
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout[-2000:] + result.stderr[-4000:]
+    output = result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), output
