@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 CONFIG_PREFIX = "actor_rollout_ref.rollout.custom.respec"
@@ -27,6 +27,131 @@ def _bad(key: str, value: Any, fix: str) -> ReSpecConfigError:
     return ReSpecConfigError(f"{CONFIG_PREFIX}.{key}={value!r} is invalid: {fix}")
 
 
+LEARNER_DIVERGENCES = ("forward_kl", "tv")
+LEARNER_REWARD_WEIGHTINGS = ("reward", "advantage", "uniform")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The online drafter learner (``respec.learner.*``): reward-weighted KD of the drafter between RL steps."""
+
+    # Switch the learner on: after each actor update, train the drafter on the step's trajectories and hot-swap it.
+    enable: bool = False
+    # Per-token divergence D(p_actor || q_drafter): "forward_kl" (ReSpec) or "tv" (1 - acceptance probability).
+    divergence: str = "forward_kl"
+    # Trajectory weights: "reward" (ReSpec's w(r) = r, normalised to [0, 1] over the step), "advantage"
+    # (the step's advantages min-max normalised to [0, 1]) or "uniform" (plain online KD, the ablation).
+    reward_weighting: str = "reward"
+    # Lowest trajectory weight in [0, 1): 0 drops failed rollouts (ReSpec), > 0 keeps learning from them a little.
+    weight_floor: float = 0.0
+    # Coefficient of the negative-feedback term on rejected draft tokens (lowers q where q > p); 0 turns it off.
+    negative_feedback: float = 0.1
+    # Keep the actor's top-k next-token probabilities per position (bounds memory; the rest counts as 0).
+    top_k: int = 32
+    # Drafter optimizer steps per RL step, and a wall-clock bound on them (seconds).
+    steps_per_rl_step: int = 8
+    max_time_s: float = 60.0
+    # Sequences per drafter step, AdamW learning rate, draft steps unrolled (training-time test).
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    num_draft_steps: int = 3
+    # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
+    replay_steps: int = 2
+    # Fraction of each step's trajectories held out to compare the candidate with the serving drafter.
+    holdout_fraction: float = 0.125
+    # Train and publish every N RL steps.
+    every_n_steps: int = 1
+
+    def __post_init__(self):
+        def bad(key: str, value: Any, fix: str) -> ReSpecConfigError:
+            return _bad(f"learner.{key}", value, fix)
+
+        if self.divergence not in LEARNER_DIVERGENCES:
+            raise bad("divergence", self.divergence, f"use one of {', '.join(LEARNER_DIVERGENCES)}.")
+        if self.reward_weighting not in LEARNER_REWARD_WEIGHTINGS:
+            raise bad("reward_weighting", self.reward_weighting, f"use one of {', '.join(LEARNER_REWARD_WEIGHTINGS)}.")
+        if not 0.0 <= self.weight_floor < 1.0:
+            raise bad("weight_floor", self.weight_floor, "use a number in [0, 1).")
+        if self.negative_feedback < 0:
+            raise bad("negative_feedback", self.negative_feedback, "use a coefficient >= 0 (0 turns it off).")
+        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps", "every_n_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, value, "use an integer >= 1.")
+        if not self.max_time_s > 0 or not self.learning_rate > 0:
+            key = "max_time_s" if not self.max_time_s > 0 else "learning_rate"
+            raise bad(key, getattr(self, key), "use a positive number.")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise bad("holdout_fraction", self.holdout_fraction, "use a fraction in (0, 1), e.g. 0.125.")
+
+    @classmethod
+    def from_mapping(cls, block: Mapping[str, Any] | None) -> "LearnerConfig":
+        block = dict(block or {})
+        known = {f.name for f in fields(cls)}
+        for key in block:
+            if key not in known:
+                raise _bad(f"learner.{key}", block[key], f"unknown key; known keys are {', '.join(sorted(known))}.")
+        return cls(**block)
+
+
+TUNER_MODES = ("off", "static", "adaptive")
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    """The SD configuration tuner (``respec.tuner.*``): k per batch-size bucket from measured engine steps."""
+
+    # "off": vLLM's static k (num_speculative_tokens); "adaptive": k per batch-size bucket chosen from measured
+    # goodput, updated between RL steps; "static": the configured k, measured like adaptive (for comparison).
+    mode: str = "off"
+    # Largest k the tuner may choose (the engine drafts at most this many); num_speculative_tokens is the default
+    # k served until the tuner is calibrated.
+    k_max: int = 6
+    # Upper bounds of the batch-size buckets, increasing; one k per bucket (the last reaches max_num_seqs).
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # Chance, per bucket and update, of trying a neighbouring k (or SD-off) instead of the best estimate.
+    explore: float = 0.1
+    # Decode steps a (bucket, k) needs before its measured tokens/s is trusted over the cost model.
+    min_steps: int = 8
+    # Weight old evidence keeps at each update (1.0 never forgets; lower follows the drafter and actor faster).
+    forget: float = 0.8
+
+    def __post_init__(self):
+        def bad(key: str, value: Any, fix: str) -> ReSpecConfigError:
+            return _bad(f"tuner.{key}", value, fix)
+
+        if self.mode not in TUNER_MODES:
+            raise bad("mode", self.mode, f"use one of {', '.join(TUNER_MODES)}.")
+        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or not 1 <= self.k_max <= MAX_SPECULATIVE_TOKENS:
+            raise bad("k_max", self.k_max, f"use an integer in [1, {MAX_SPECULATIVE_TOKENS}].")
+        buckets = self.buckets
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) or list(
+            buckets
+        ) != sorted(set(buckets)):
+            raise bad("buckets", buckets, "use increasing positive integers, e.g. [1, 2, 4, 8, 16, 32, 64, 128, 256].")
+        if not 0.0 <= self.explore < 1.0:
+            raise bad("explore", self.explore, "use a probability in [0, 1), e.g. 0.1 (0 turns exploration off).")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise bad("min_steps", self.min_steps, "use an integer >= 1.")
+        if not 0.0 < self.forget <= 1.0:
+            raise bad("forget", self.forget, "use a number in (0, 1].")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    @classmethod
+    def from_mapping(cls, block: Mapping[str, Any] | None) -> "TunerConfig":
+        block = dict(block or {})
+        known = {f.name for f in fields(cls)}
+        for key in block:
+            if key not in known:
+                raise _bad(f"tuner.{key}", block[key], f"unknown key; known keys are {', '.join(sorted(known))}.")
+        if "buckets" in block and not isinstance(block["buckets"], (str, int)):
+            block["buckets"] = tuple(block["buckets"])
+        return cls(**block)
+
+
 @dataclass(frozen=True)
 class ReSpecConfig:
     """Speculative-decoding settings of the respec rollout backend."""
@@ -41,6 +166,10 @@ class ReSpecConfig:
     # n-gram window bounds (method=ngram only): the longest and shortest context suffix to look up.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # The online drafter learner (method=eagle3 only); see LearnerConfig.
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # The SD configuration tuner (k per batch size, learnt online); see TunerConfig.
+    tuner: TunerConfig = field(default_factory=TunerConfig)
 
     def __post_init__(self):
         if self.method not in DRAFTER_METHODS:
@@ -68,6 +197,15 @@ class ReSpecConfig:
                     (self.prompt_lookup_min, self.prompt_lookup_max),
                     "need 1 <= prompt_lookup_min <= prompt_lookup_max.",
                 )
+        if self.tuner.enabled and not self.speculation_enabled:
+            raise _bad("tuner.mode", self.tuner.mode, "the tuner chooses k for speculation: set "
+                       "num_speculative_tokens > 0 (the default k), or tuner.mode=off.")
+        if self.tuner.enabled and self.num_speculative_tokens > self.tuner.k_max:
+            raise _bad("num_speculative_tokens", self.num_speculative_tokens,
+                       f"with the tuner on it is the default k and must be <= tuner.k_max={self.tuner.k_max}.")
+        if self.learner.enable and (self.method != "eagle3" or not self.speculation_enabled):
+            raise _bad("learner.enable", True, "the online learner trains an EAGLE-3 drafter: set method=eagle3 and "
+                       "num_speculative_tokens > 0, or switch the learner off.")
 
     @property
     def speculation_enabled(self) -> bool:
@@ -81,6 +219,10 @@ class ReSpecConfig:
         for key in block:
             if key not in known:
                 raise _bad(key, block[key], f"unknown key; known keys are {', '.join(sorted(known))}.")
+        if "learner" in block:
+            block["learner"] = LearnerConfig.from_mapping(block["learner"])
+        if "tuner" in block:
+            block["tuner"] = TunerConfig.from_mapping(block["tuner"])
         return cls(**block)
 
     @classmethod
@@ -94,6 +236,11 @@ class ReSpecConfig:
         if not self.speculation_enabled:
             return None
         spec: dict[str, Any] = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
+        if self.tuner.enabled:
+            # The engine drafts up to k_max; the tuner's scheduler narrows it per batch size at run time. vLLM's
+            # schedule carries the last entry forward, so this one entry serves the default k at every size.
+            spec["num_speculative_tokens"] = self.tuner.k_max
+            spec["num_speculative_tokens_per_batch_size"] = [(1, 1, self.num_speculative_tokens)]
         if self.method == "ngram":
             spec["prompt_lookup_max"] = self.prompt_lookup_max
             spec["prompt_lookup_min"] = self.prompt_lookup_min

@@ -1,0 +1,140 @@
+"""The online learner: between RL steps, a bounded number of KD steps on the step's features (+ replay), a safety
+check on a held-out slice, then publication of a new drafter version; its state lives in verl's checkpoint dir.
+
+Safety: a non-finite loss, an exception, or a candidate whose held-out TV (1 - acceptance) is worse than the serving
+version's never reaches the engine. The learner then reverts to the serving weights and counts the rejected version;
+the engine keeps serving the last good version (the server also rolls back a push it cannot load).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from respec_plugin.config import LearnerConfig
+from respec_plugin.drafter.eagle3 import Eagle3Drafter, vllm_weights
+from respec_plugin.drafter.io import load_drafter, save_drafter
+from respec_plugin.learner.buffer import ReplayBuffer, SequenceFeatures, collate
+from respec_plugin.learner.objective import kd_loss, mean_tv
+from respec_plugin.rollout.hotswap import PublishReport
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "respec/learner/"
+STATE_FILE = "learner_state.pt"
+SUMMARY_FILE = "buffer_summary.json"
+DRAFTER_DIR = "drafter"
+
+# publish(weights, version) -> PublishReport; in the trainer: hotswap.publish_drafter on the live replicas.
+PublishFn = Callable[[list[tuple[str, torch.Tensor]], int], PublishReport]
+
+
+class OnlineLearner:
+    """Owns the training copy of the drafter, its optimizer, the replay buffer and the version counter.
+
+    ``serving_version`` is the version the engines serve (the learner's last successful publish, or the one it was
+    started from); ``latest_version`` the highest number handed out, so a rejected number is never reused.
+    """
+
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, serving_version: int, seed: int = 0):
+        self.config = config
+        self.drafter = drafter
+        self.serving_version = serving_version
+        self.latest_version = serving_version
+        self.rejected_versions = 0
+        self.optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.learning_rate, weight_decay=0.0,
+                                           betas=(0.9, 0.95))
+        self.buffer = ReplayBuffer(config.replay_steps)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._serving_state = copy.deepcopy(drafter.state_dict())
+
+    def step(self, sequences: list[SequenceFeatures], publish: PublishFn) -> dict[str, float]:
+        """Learn from one RL step's sequences and publish the result if it is safe; returns ``respec/learner/*``."""
+        start = time.perf_counter()
+        metrics = {"weight_mean": sum(s.weight for s in sequences) / max(len(sequences), 1)}
+        stride = max(2, round(1 / self.config.holdout_fraction))
+        held_out = collate(sequences[::stride])
+        self.buffer.add_step([s for i, s in enumerate(sequences) if i % stride])
+        serving_tv = mean_tv(self.drafter, held_out, self.config.num_draft_steps)
+        try:
+            metrics["loss"] = self._train(start)
+            candidate_tv = mean_tv(self.drafter, held_out, self.config.num_draft_steps)
+            if not math.isfinite(candidate_tv) or candidate_tv > serving_tv:
+                raise _Rejected(f"held-out TV {candidate_tv:.4f} is worse than the serving version's {serving_tv:.4f}")
+            self.latest_version += 1
+            report = publish(vllm_weights(self.drafter), self.latest_version)
+            if not report.ok:
+                raise _Rejected(f"the engine refused it: {report.errors[0]}")
+        except Exception as e:  # noqa: BLE001 -- any failure of the learner must leave the serving version alone
+            self.rejected_versions += 1
+            self.drafter.load_state_dict(self._serving_state)
+            logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving (%s)",
+                         e, self.serving_version, type(e).__name__)
+            metrics["tv"] = serving_tv
+        else:
+            self.serving_version = self.latest_version
+            self._serving_state = copy.deepcopy(self.drafter.state_dict())
+            metrics["tv"] = candidate_tv
+        metrics.update(time_s=time.perf_counter() - start, published_version=float(self.serving_version),
+                       rejected_versions=float(self.rejected_versions))
+        return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}
+
+    def _train(self, start: float) -> float:
+        """At most ``steps_per_rl_step`` AdamW steps within ``max_time_s``; returns their mean loss."""
+        if not self.buffer.sequences:
+            raise _Rejected("no training sequences this step")
+        losses = []
+        self.drafter.train()
+        for _ in range(self.config.steps_per_rl_step):
+            if losses and time.perf_counter() - start > self.config.max_time_s:
+                break
+            batch = self.buffer.sample(self.config.batch_size, self.generator)
+            loss, _ = kd_loss(self.drafter, batch, divergence=self.config.divergence,
+                              negative_feedback_coef=self.config.negative_feedback,
+                              num_draft_steps=self.config.num_draft_steps)
+            if not torch.isfinite(loss):
+                raise _Rejected(f"non-finite loss {loss.item()}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.drafter.eval()
+        return sum(losses) / len(losses)
+
+    # ----- state in verl's checkpoint directory ------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """The serving drafter (vLLM layout, with its version), optimizer state, counters and buffer summary."""
+        directory = Path(directory)
+        serving = copy.deepcopy(self.drafter)
+        serving.load_state_dict(self._serving_state)
+        save_drafter(serving, directory / DRAFTER_DIR, drafter_version=self.serving_version)
+        torch.save({"optimizer": self.optimizer.state_dict(), "latest_version": self.latest_version,
+                    "rejected_versions": self.rejected_versions, "generator": self.generator.get_state()},
+                   directory / STATE_FILE)
+        (directory / SUMMARY_FILE).write_text(json.dumps(self.buffer.summary(), indent=2))
+
+    @classmethod
+    def restore(cls, config: LearnerConfig, directory: str | Path, embed_tokens: torch.Tensor) -> "OnlineLearner":
+        """The learner saved by :meth:`save` (its buffer starts empty: only its summary is saved)."""
+        directory = Path(directory)
+        drafter, version = load_drafter(directory / DRAFTER_DIR, embed_tokens)
+        learner = cls(config, drafter, version)
+        state = torch.load(directory / STATE_FILE, weights_only=False)
+        learner.optimizer.load_state_dict(state["optimizer"])
+        learner.latest_version = state["latest_version"]
+        learner.rejected_versions = state["rejected_versions"]
+        learner.generator.set_state(state["generator"])
+        return learner
+
+
+class _Rejected(Exception):
+    """A candidate drafter that must not be published."""
