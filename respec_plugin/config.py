@@ -122,7 +122,8 @@ class TunerConfig:
 
         if self.mode not in TUNER_MODES:
             raise bad("mode", self.mode, f"use one of {', '.join(TUNER_MODES)}.")
-        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or not 1 <= self.k_max <= MAX_SPECULATIVE_TOKENS:
+        k_max = self.k_max
+        if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max <= MAX_SPECULATIVE_TOKENS:
             raise bad("k_max", self.k_max, f"use an integer in [1, {MAX_SPECULATIVE_TOKENS}].")
         buckets = self.buckets
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets) or list(

@@ -1,0 +1,67 @@
+"""The tuner inside one respec server: wires the scheduler into the engine, collects what each RL step's rollout
+measured, and installs the next schedule when the trainer asks for an update (between RL steps)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Any, Mapping
+
+from respec_plugin.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError
+from respec_plugin.tuner.channel import take_steps, write_schedule
+from respec_plugin.tuner.policy import Tuner
+
+logger = logging.getLogger(__name__)
+
+SCHEDULER_CLS = "respec_plugin.tuner.scheduler.ReSpecScheduler"
+# Key of vLLM's ``additional_config`` naming the control directory (read by the scheduler).
+CONTROL_DIR_KEY = "respec_tuner_dir"
+
+
+class EngineTuner:
+    """One engine's tuner: a control directory shared with its scheduler, and the :class:`Tuner` policy."""
+
+    def __init__(self, respec: ReSpecConfig, max_num_seqs: int, seed: int = 0):
+        assert respec.tuner.enabled
+        self.tuner = Tuner(respec.tuner, respec.num_speculative_tokens, max_batch_size=max_num_seqs, seed=seed)
+        self.control_dir = tempfile.mkdtemp(prefix="respec-tuner-")
+        self._requests: list[Mapping[str, Any]] = []
+        write_schedule(self.control_dir, self.tuner.current_schedule(), self.tuner.version)
+
+    def configure_engine(self, engine_kwargs: dict, data_parallel_size: int) -> None:
+        """Point vLLM at the tuner's scheduler and control directory (``speculative_config`` is set already)."""
+        if data_parallel_size > 1:
+            raise ReSpecConfigError(
+                f"{CONFIG_PREFIX}.tuner.mode={self.tuner.config.mode!r} needs data_parallel_size=1: vLLM switches "
+                "dynamic speculative decoding off under data parallelism (ranks choosing different k deadlock). "
+                "Set tuner.mode=off (static num_speculative_tokens) or data_parallel_size=1."
+            )
+        if engine_kwargs.get("scheduler_cls"):
+            raise ReSpecConfigError(
+                f"engine_kwargs.vllm.scheduler_cls={engine_kwargs['scheduler_cls']!r} conflicts with "
+                f"{CONFIG_PREFIX}.tuner, which brings its own scheduler; remove it or set tuner.mode=off."
+            )
+        engine_kwargs["scheduler_cls"] = SCHEDULER_CLS
+        engine_kwargs["additional_config"] = {**(engine_kwargs.get("additional_config") or {}),
+                                              CONTROL_DIR_KEY: self.control_dir}
+
+    def observe_request(self, spec_stats: Mapping[str, Any]) -> None:
+        """One finished request's ``extra_fields["respec"]`` record (its acceptance per draft position)."""
+        self._requests.append(spec_stats)
+
+    def update(self) -> dict[str, float]:
+        """Learn from everything since the last update, install the next schedule, return ``respec/tuner/*``."""
+        metrics = self.tuner.observe(take_steps(self.control_dir), self._requests)
+        self._requests = []
+        schedule = self.tuner.schedule()
+        write_schedule(self.control_dir, schedule, self.tuner.version)
+        logger.info("respec tuner: schedule v%d %s", self.tuner.version, schedule)
+        return {**metrics, **self.tuner.schedule_metrics()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tuner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from a checkpoint: the restored choice serves right away."""
+        self.tuner.load_state_dict(state)
+        write_schedule(self.control_dir, self.tuner.current_schedule(), self.tuner.version)
