@@ -63,7 +63,8 @@ def _actor_state_dict_on_worker(worker) -> dict[str, torch.Tensor] | None:
         if engine is not None and hasattr(engine, "get_per_tensor_param"):
             params, _ = engine.get_per_tensor_param()
             tensors = {name: tensor.detach().to("cpu", copy=True) for name, tensor in params}
-            return tensors if torch.distributed.get_rank() == 0 else None
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            return tensors if rank == 0 else None
     raise RuntimeError("respec learner: no actor engine with get_per_tensor_param found in the actor worker")
 
 
