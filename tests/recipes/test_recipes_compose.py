@@ -85,7 +85,10 @@ def test_recipe_composes_with_verl_config_and_validates(script: Path, dataset: s
     respec = ReSpecConfig.from_rollout_config(rollout)
     check_vllm_supports(respec)
     assert respec.method == "eagle3" and respec.drafter_path == str(drafter_dir)
-    assert respec.speculative_config() == {"method": "eagle3", "num_speculative_tokens": 3, "model": str(drafter_dir)}
+    assert respec.learner.enable and respec.tuner.mode == "adaptive"
+    spec = respec.speculative_config()
+    assert spec["method"] == "eagle3" and spec["model"] == str(drafter_dir)
+    assert spec["num_speculative_tokens"] == respec.tuner.k_max == 6
 
 
 def test_user_paths_and_overrides_reach_the_config(drafter_dir: Path, tmp_path: Path) -> None:
