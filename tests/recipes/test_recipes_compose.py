@@ -93,12 +93,15 @@ def test_recipe_composes_with_verl_config_and_validates(script: Path, dataset: s
 
 def test_user_paths_and_overrides_reach_the_config(drafter_dir: Path, tmp_path: Path) -> None:
     env = {"DRAFTER_PATH": str(drafter_dir), "MODEL_PATH": str(tmp_path / "my-actor"), "NGPUS_PER_NODE": "4"}
-    config = _compose(_recipe_command(RECIPES / "grpo_qwen2_5_7b.sh", env,
-                                      "actor_rollout_ref.rollout.custom.respec.num_speculative_tokens=5"))
+    static_eagle3 = [f"actor_rollout_ref.rollout.custom.respec.{key}" for key in
+                     ("num_speculative_tokens=5", "learner.enable=false", "tuner.mode=off")]
+    config = _compose(_recipe_command(RECIPES / "grpo_qwen2_5_7b.sh", env, *static_eagle3))
     assert config.actor_rollout_ref.model.path == str(tmp_path / "my-actor")
     assert config.trainer.n_gpus_per_node == 4
     assert config.trainer.experiment_name == "qwen2_5_7b_gsm8k"
-    assert ReSpecConfig.from_rollout_config(config.actor_rollout_ref.rollout).num_speculative_tokens == 5
+    respec = ReSpecConfig.from_rollout_config(config.actor_rollout_ref.rollout)
+    assert not respec.learner.enable and not respec.tuner.enabled
+    assert respec.speculative_config()["num_speculative_tokens"] == 5
 
 
 @pytest.mark.parametrize(
