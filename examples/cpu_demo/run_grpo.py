@@ -1,6 +1,6 @@
 """CPU demo: build the lab, run stock verl GRPO with respec rollouts, print reward / acceptance / tokens/s per step.
 
-    python examples/cpu_demo/run_grpo.py [--rollout respec|vllm] [--steps 12] [--preset demo]
+    python examples/cpu_demo/run_grpo.py [--rollout respec|vllm] [--steps 10] [--preset demo]
 
 Everything verl writes (its log, the offline wandb run) goes to ``outputs/cpu_demo/<rollout>/``; the per-step
 summary also lands there as ``summary.json``.
@@ -41,7 +41,7 @@ def format_row(step: int, metrics: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollout", choices=("respec", "vllm"), default="respec")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--n", type=int, default=4, help="GRPO group size (responses per prompt)")
