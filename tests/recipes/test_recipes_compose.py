@@ -1,5 +1,6 @@
 """Every recipe (script x dataset) composes with verl's installed Hydra config and passes verl's own validation and
-respec's, so the recipes cannot rot: the test runs each script in its DRY_RUN mode and composes the command it prints."""
+respec's, so the recipes cannot rot: the test runs each script in its DRY_RUN mode and composes the command it
+prints."""
 
 from __future__ import annotations
 
