@@ -42,7 +42,12 @@ def trajectories_from_transfer_queue(batch) -> Trajectories:
     import transfer_queue as tq
 
     data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=TRAJECTORY_FIELDS)
-    keep = [not tag.get("is_padding", False) for tag in batch.tags]
+    return trajectories_from_fields(data, keep=[not tag.get("is_padding", False) for tag in batch.tags])
+
+
+def trajectories_from_fields(data, keep: list[bool]) -> Trajectories:
+    """The rows of a TransferQueue TensorDict (``TRAJECTORY_FIELDS``, per-row tensors or jagged nested tensors,
+    as verl's agent loop and advantage step write them) whose ``keep`` is True."""
     columns = {name: [row for row, k in zip(data[name].unbind(), keep) if k] for name in TRAJECTORY_FIELDS}
     token_ids, prompt_lengths, response_masks, rewards, advantages = [], [], [], [], []
     for prompt, response, mask, advantage, scores in zip(*(columns[name] for name in TRAJECTORY_FIELDS)):
