@@ -53,7 +53,7 @@ class LearnerConfig:
     max_time_s: float = 60.0
     # Sequences per drafter step, AdamW learning rate, draft steps unrolled (training-time test).
     batch_size: int = 16
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     num_draft_steps: int = 3
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
     replay_steps: int = 2
