@@ -34,7 +34,7 @@ def format_row(step: int, metrics: dict[str, float]) -> str:
     cells = []
     for name, key in COLUMNS:
         value = step if key is None else metrics.get(key)
-        cells.append(f"{'-' if value is None else (f'{value:.3f}' if isinstance(value, float) else value):>12}")
+        cells.append(f"{'-' if value is None else (f'{value:.3f}' if isinstance(value, float) else value):>13}")
     return "".join(cells)
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     )
     log_path = out_dir / "verl.log"
     num_sequences = args.train_batch_size * args.n
-    print(f"lab: {lab.root}\nverl log: {log_path}\n" + "".join(f"{name:>12}" for name, _ in COLUMNS), flush=True)
+    print(f"lab: {lab.root}\nverl log: {log_path}\n" + "".join(f"{name:>13}" for name, _ in COLUMNS), flush=True)
 
     result = {}
     runner = threading.Thread(
