@@ -17,6 +17,7 @@ import sys
 from typing import Callable
 
 from respec_plugin import ROLLOUT_NAME
+from respec_plugin.config import ReSpecConfig
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
 
 logger = logging.getLogger(__name__)
@@ -25,12 +26,40 @@ _V1_PACKAGE = "verl.trainer.ppo.v1"
 
 
 class ReSpecTrainerMixin:
-    """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue."""
+    """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
+    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync."""
+
+    _respec_learner = None  # respec_plugin.learner.trainer_hook.LearnerHook when the learner is on
+    _respec_learner_metrics: dict = {}
+
+    def on_train_begin(self):
+        super().on_train_begin()
+        if self.config.actor_rollout_ref.rollout.name == ROLLOUT_NAME:
+            respec = ReSpecConfig.from_rollout_config(self.config.actor_rollout_ref.rollout)
+            if respec.learner.enable:
+                from respec_plugin.learner.trainer_hook import LearnerHook
+
+                self._respec_learner = LearnerHook(self, respec)
+
+    def step(self, metrics, timing_raw):
+        self._respec_step_batch = super().step(metrics, timing_raw)
+        return self._respec_step_batch
+
+    def on_step_end(self):
+        super().on_step_end()  # verl syncs the updated actor into the engines here (sync/colocate trainers)
+        if self._respec_learner is not None:
+            from verl.utils.debug import marked_timer
+
+            with marked_timer("respec_learner", self.timing_raw):
+                self._respec_learner_metrics = self._respec_learner.after_step(self._respec_step_batch)
+            self._respec_learner.save_if_due()
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
         if self.config.actor_rollout_ref.rollout.name != ROLLOUT_NAME:
             return
+        metrics.update(self._respec_learner_metrics)
+        self._respec_learner_metrics = {}
         import transfer_queue as tq
 
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])

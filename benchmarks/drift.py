@@ -1,0 +1,149 @@
+"""Drafter drift under GRPO on the CPU lab: a static drafter vs the online learner (uniform KD and reward-weighted KD),
+plus the day-0 run (learning from an untrained drafter) and optionally stock vLLM for reward parity.
+
+    python benchmarks/drift.py [--preset tiny] [--steps 30] [--runs static,online_kd,online_rwkd,day0,vllm]
+
+Every run is stock verl GRPO from the same lab, seed and sizes; only the respec block differs. Acceptance length is
+respec's own per-step metric (tokens per verify step, bonus token included), reward is verl's ``critic/score/mean``.
+The actor learning rate is raised (``--actor-lr``) so the tiny actor drifts within a few dozen steps. Writes
+``benchmarks/results/drift.json`` and ``drift.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from respec_plugin.lab.build import build_lab
+from respec_plugin.lab.launch import grpo_command, run_logged
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+LEARNER = "+actor_rollout_ref.rollout.custom.respec.learner"
+RUNS = ("static", "online_kd", "online_rwkd", "day0", "vllm")
+DAY0_TARGET_ACCEPT_LENGTH = 2.0
+
+
+def overrides(lab, name: str, args) -> list[str]:
+    """The respec block of each run (none for stock vLLM)."""
+    if name == "vllm":
+        return []
+    drafter = lab.day0_drafter_dir if name == "day0" else lab.drafter_dir
+    block = [f"+actor_rollout_ref.rollout.custom.respec.drafter_path={drafter}",
+             f"+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens={args.num_speculative_tokens}"]
+    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "day0": args.day0_weighting}.get(name)
+    if weighting is not None:
+        block += [f"{LEARNER}.enable=True", f"{LEARNER}.reward_weighting={weighting}",
+                  f"{LEARNER}.steps_per_rl_step={args.learner_steps}", f"{LEARNER}.learning_rate={args.learner_lr}"]
+    return block
+
+
+def run(lab, name: str, args) -> dict:
+    experiment_dir = REPO / "outputs" / "bench_drift" / name
+    argv, env = grpo_command(
+        lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
+        rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
+        train_batch_size=args.train_batch_size, n=args.n, seed=args.seed, max_response_length=args.max_response_length,
+        extra_overrides=[f"actor_rollout_ref.actor.optim.lr={args.actor_lr}", *overrides(lab, name, args)],
+    )
+    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
+    steps = sorted(result.metrics)
+    if not steps:
+        raise SystemExit(f"{name} run logged no step (exit {result.returncode}); see {result.log_path}")
+    if not result.ok:
+        logging.warning("%s run stopped after %d steps (exit %s); keeping them. Log: %s", name, len(steps),
+                        result.returncode, result.log_path)
+
+    def series(key: str) -> list[float | None]:
+        return [result.metrics[s].get(key) for s in steps]
+
+    return {
+        "ok": result.ok,
+        "wall_s": result.wall_s,
+        "steps": steps,
+        "accept_length": series("respec/accept_length"),
+        "reward": series("critic/score/mean"),
+        "step_s": series("timing_s/step"),
+        "learner_time_s": series("respec/learner/time_s"),
+        "learner_tv": series("respec/learner/tv"),
+        "published_version": series("respec/learner/published_version"),
+        "rejected_versions": series("respec/learner/rejected_versions"),
+        "drafter_version": series("respec/drafter_version"),
+    }
+
+
+def summarise(name: str, r: dict) -> dict:
+    out = {"steps_run": len(r["steps"]), "reward_mean_last_10": statistics.fmean(r["reward"][-10:])}
+    accept = r["accept_length"]
+    if accept and accept[0] is not None:
+        out.update(accept_length_step_1=accept[0], accept_length_last=accept[-1],
+                   accept_length_mean_last_5=statistics.fmean(accept[-5:]),
+                   min_over_step_1=min(accept) / accept[0])
+    if r["learner_time_s"][0] is not None:
+        out["learner_time_fraction_of_step"] = statistics.fmean(
+            t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
+    if name == "day0":
+        out["steps_to_accept_length_2"] = next(
+            (step for step, a in zip(r["steps"], accept) if a is not None and a >= DAY0_TARGET_ACCEPT_LENGTH), None)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_accept, ax_reward) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, r in report["runs"].items():
+        if r["accept_length"][0] is not None:
+            ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=name)
+        ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=name)
+    ax_accept.set(xlabel="GRPO step", ylabel="tokens per verify step", title="Acceptance length per step")
+    ax_reward.set(xlabel="GRPO step", ylabel="mean reward", title="Reward per step")
+    ax_accept.legend()
+    ax_reward.legend()
+    fig.suptitle(f"lab {report['preset']}: drafter drift, k={report['config']['num_speculative_tokens']}, "
+                 f"actor lr {report['config']['actor_lr']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--runs", default="static,online_kd,online_rwkd,day0")
+    parser.add_argument("--train-batch-size", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--actor-lr", type=float, default=5e-4)
+    parser.add_argument("--learner-steps", type=int, default=8, help="drafter optimizer steps per RL step")
+    parser.add_argument("--learner-lr", type=float, default=2e-3, help="drafter AdamW learning rate")
+    parser.add_argument("--day0-weighting", default="uniform", choices=("uniform", "reward", "advantage"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=3600)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = [n for n in args.runs.split(",") if n]
+    unknown = set(names) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"--runs has unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+
+    lab = build_lab(args.preset)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "runs": {}, "summary": {}}
+    for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
+        report["runs"][name] = run(lab, name, args)
+        report["summary"][name] = summarise(name, report["runs"][name])
+        (RESULTS / "drift.json").write_text(json.dumps(report, indent=2))
+        plot(report, RESULTS / "drift.png")
+        print(name, json.dumps(report["summary"][name]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
