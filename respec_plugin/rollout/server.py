@@ -22,6 +22,7 @@ from respec_plugin.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError,
 from respec_plugin.drafter.checkpoint import read_drafter_tensors
 from respec_plugin.rollout.engine_proxy import SpecStatsEngine
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, request_stats
+from respec_plugin.tuner.service import EngineTuner
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class ReSpecHttpServer(vLLMHttpServer):
         self.drafter_version = -1  # no drafter loaded yet
         self.drafter_push_failures = 0
         self._last_good_drafter: list[tuple[str, torch.Tensor]] | None = None
+        # The SD configuration tuner (respec.tuner.mode != off): its scheduler picks k per batch size.
+        self.tuner = EngineTuner(self.respec, config.max_num_seqs) if self.respec.tuner.enabled else None
         return config
 
     def _validate_configs(self) -> None:
@@ -68,6 +71,8 @@ class ReSpecHttpServer(vLLMHttpServer):
                 speculative_config["draft_load_config"] = {"load_format": "auto"}
             engine_kwargs["speculative_config"] = speculative_config
             engine_kwargs["per_request_spec_decode_metrics"] = "detailed"
+            if self.tuner is not None:
+                self.tuner.configure_engine(engine_kwargs, data_parallel_size=self.config.data_parallel_size)
 
     def _get_worker_extension_cls(self) -> str:
         return WORKER_EXTENSION_CLS
@@ -98,6 +103,8 @@ class ReSpecHttpServer(vLLMHttpServer):
                 start_time=finished.start_time,
                 end_time=finished.end_time,
             ).to_extra_field()
+            if self.tuner is not None:
+                self.tuner.observe_request(output.extra_fields[EXTRA_KEY])
         return output
 
     # ----- drafter versions -------------------------------------------------------------------------------
@@ -144,3 +151,16 @@ class ReSpecHttpServer(vLLMHttpServer):
 
     def _push_report(self, ok: bool, error: str | None) -> dict[str, Any]:
         return {"ok": ok, "version": self.drafter_version, "error": error, "failures": self.drafter_push_failures}
+
+    # ----- SD configuration tuner -------------------------------------------------------------------------
+
+    async def tuner_update(self) -> dict[str, float]:
+        """Between RL steps: learn from the last rollout, install the next schedule, return its metrics."""
+        return self.tuner.update() if self.tuner is not None else {}
+
+    async def tuner_state(self) -> dict[str, Any] | None:
+        return self.tuner.state_dict() if self.tuner is not None else None
+
+    async def load_tuner_state(self, state: dict[str, Any]) -> None:
+        if self.tuner is not None:
+            self.tuner.load_state_dict(state)

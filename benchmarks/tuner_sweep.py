@@ -1,0 +1,266 @@
+"""The SD configuration tuner against SD-off and every static k, on the lab with vLLM CPU, in one run.
+
+    python benchmarks/tuner_sweep.py [--preset demo] [--calibration-rounds 4]
+
+1. Batch sweep: N in {1, 4, 16, 64, 256} greedy requests at once (fixed length, ignore_eos, so every
+   configuration generates the same tokens), generated tokens / wall seconds for SD-off (a plain vLLM engine),
+   static k in {1, 2, 3, 4, 6}, and the tuner. Static k and the tuner run on one EAGLE-3 engine with
+   k_max = 6 and respec's scheduler: static k is the one-entry schedule [(1, max, k)] installed through the
+   tuner's channel, exactly as the tuner installs its own.
+2. Long-tail rollout: many requests whose lengths spread over a wide range, all submitted at once, so the
+   batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
+The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
+its current schedule, exploring as configured, with one update per round (as between RL steps); it is then
+measured with its greedy schedule. Writes benchmarks/results/tuner_sweep.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from respec_plugin.config import TunerConfig
+from respec_plugin.lab.build import build_lab
+from respec_plugin.lab.data import read_problems
+from respec_plugin.lab.models import chat_prompt_ids
+from respec_plugin.rollout.spec_stats import request_stats
+from respec_plugin.tuner.channel import take_steps, write_schedule
+from respec_plugin.tuner.policy import Tuner
+from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BATCH_SIZES = (1, 4, 16, 64, 256)
+STATIC_KS = (1, 2, 3, 4, 6)
+K_MAX = 6
+MAX_NUM_SEQS = 256
+
+
+def engine(lab, control_dir: str | None):
+    from vllm import LLM
+
+    kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.3,
+                  kv_cache_memory_bytes=2 << 30, seed=0, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=4096)
+    if control_dir is not None:
+        kwargs.update(
+            speculative_config={"method": "eagle3", "model": lab.drafter_dir, "num_speculative_tokens": K_MAX,
+                                "num_speculative_tokens_per_batch_size": [(1, 1, K_MAX)]},
+            per_request_spec_decode_metrics="detailed",
+            scheduler_cls=SCHEDULER_CLS,
+            additional_config={CONTROL_DIR_KEY: control_dir},
+        )
+    return LLM(model=lab.actor_dir, **kwargs)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm, prompts, lengths) -> tuple[int, float, list[dict]]:
+    """Generate all prompts at once; (generated tokens, wall seconds, per-request spec stats)."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    records = []
+    for output in outputs:
+        metrics = output.outputs[0].spec_decode_metrics
+        if metrics is not None:
+            stats = request_stats(metrics.per_step_drafted, metrics.per_step_accepted,
+                                  num_output_tokens=len(output.outputs[0].token_ids), num_speculative_tokens=K_MAX,
+                                  drafter_version=0, start_time=0.0, end_time=0.0)
+            records.append(stats.to_extra_field())
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, records
+
+
+class Workloads:
+    def __init__(self, prompts, args):
+        self.prompts, self.args = prompts, args
+
+    def sweep(self, batch_size: int):
+        """One measurement at this concurrency: repeated for small batches so each covers enough tokens."""
+        repeats = max(1, self.args.min_sequences // batch_size)
+        return [self.prompts[:batch_size]] * repeats, [self.args.max_tokens] * batch_size
+
+    def long_tail(self):
+        n, lo, hi = self.args.tail_requests, self.args.tail_min_tokens, self.args.tail_max_tokens
+        lengths = [lo + (hi - lo) * i // (n - 1) for i in range(n)]
+        return [self.prompts[i % len(self.prompts)] for i in range(n)], lengths
+
+
+def measure_sweep(llm, workloads, batch_size) -> tuple[float, list[dict]]:
+    batches, lengths = workloads.sweep(batch_size)
+    tokens, seconds, records = 0, 0.0, []
+    for prompts in batches:
+        t, s, r = generate(llm, prompts, lengths)
+        tokens, seconds, records = tokens + t, seconds + s, records + r
+    return tokens / seconds, records
+
+
+def save_partial(report: dict) -> None:
+    """What is measured so far, in case the run is cut short (the full report replaces it)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tuner_sweep.partial.json").write_text(json.dumps(report, indent=2))
+
+
+def install(control_dir: str, schedule, version: int) -> None:
+    write_schedule(control_dir, schedule, version)
+    take_steps(control_dir)  # steps of earlier runs are not the tuner's evidence
+
+
+def run(args) -> dict:
+    from transformers import AutoTokenizer
+
+    lab = build_lab(args.preset)
+    tokenizer = AutoTokenizer.from_pretrained(lab.actor_dir)
+    problems = read_problems(lab.val_parquet)
+    prompts = [chat_prompt_ids(tokenizer, problems[i % len(problems)].question) for i in range(MAX_NUM_SEQS)]
+    workloads = Workloads(prompts, args)
+    report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "sweep": {}, "long_tail": {}}
+
+    # SD-off: a plain vLLM engine.
+    llm = engine(lab, None)
+    generate(llm, prompts[:4], [8] * 4)  # warm-up
+    report["sweep"]["sd_off"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
+    tokens, seconds, _ = generate(llm, *workloads.long_tail())
+    report["long_tail"]["sd_off"] = {"tokens_per_s": tokens / seconds}
+    shutdown(llm)
+    save_partial(report)
+
+    control_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-")
+    write_schedule(control_dir, [(1, 1, K_MAX)], 0)
+    llm = engine(lab, control_dir)
+    generate(llm, prompts[:4], [8] * 4)
+    version = 1
+    for k in STATIC_KS:
+        install(control_dir, [(1, MAX_NUM_SEQS, k)], version)
+        version += 1
+        report["sweep"][f"k={k}"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
+        tokens, seconds, _ = generate(llm, *workloads.long_tail())
+        report["long_tail"][f"k={k}"] = {"tokens_per_s": tokens / seconds}
+        save_partial(report)
+
+    # The tuner: calibration rounds (its own runs only), then measured with its greedy schedule.
+    config = TunerConfig(mode="adaptive", k_max=K_MAX, explore=args.explore, min_steps=args.min_steps)
+    tuner = Tuner(config, default_k=args.default_k, max_batch_size=MAX_NUM_SEQS, seed=args.seed)
+    tuner.version = version
+    calibration = []
+    for round_index in range(args.calibration_rounds):
+        install(control_dir, tuner.current_schedule(), tuner.version)
+        records, speeds = [], {}
+        for b in BATCH_SIZES:
+            speeds[str(b)], r = measure_sweep(llm, workloads, b)
+            records += r
+        tokens, seconds, r = generate(llm, *workloads.long_tail())
+        speeds["long_tail"] = tokens / seconds
+        metrics = tuner.observe(take_steps(control_dir), records + r)
+        calibration.append({"round": round_index, "schedule": tuner.current_schedule(), "tokens_per_s": speeds,
+                            "metrics": metrics})
+        tuner.schedule()
+        save_partial({**report, "calibration": calibration})
+        logging.info("calibration round %d: %s -> next schedule %s", round_index, speeds, tuner.current_schedule())
+    greedy = Tuner(TunerConfig(mode="adaptive", k_max=K_MAX, explore=0.0, min_steps=args.min_steps),
+                   default_k=args.default_k, max_batch_size=MAX_NUM_SEQS)
+    greedy.load_state_dict(tuner.state_dict())
+    schedule = greedy.schedule()
+    install(control_dir, schedule, greedy.version)
+    report["sweep"]["tuner"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
+    take_steps(control_dir)
+    tokens, seconds, _ = generate(llm, *workloads.long_tail())
+    trace = take_steps(control_dir)
+    report["long_tail"]["tuner"] = {"tokens_per_s": tokens / seconds}
+    shutdown(llm)
+
+    report["tuner"] = {"schedule": schedule, "calibration": calibration, "state": greedy.state_dict(),
+                       "long_tail_trace": [{"t": s.end_time - trace[0].end_time, "batch_size": s.batch_size, "k": s.k}
+                                           for s in trace]}
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict) -> dict:
+    sweep, tail = report["sweep"], report["long_tail"]
+    static = [f"k={k}" for k in STATIC_KS]
+    out = {"by_batch": {}}
+    for b in map(str, BATCH_SIZES):
+        best = max(static, key=lambda name: sweep[name][b])
+        out["by_batch"][b] = {"best_static": best, "tuner_vs_best_static": sweep["tuner"][b] / sweep[best][b],
+                              "tuner_vs_sd_off": sweep["tuner"][b] / sweep["sd_off"][b],
+                              "best_static_vs_sd_off": sweep[best][b] / sweep["sd_off"][b]}
+    best_tail = max(static, key=lambda name: tail[name]["tokens_per_s"])
+    out["long_tail"] = {"best_static": best_tail,
+                        "tuner_vs_best_static": tail["tuner"]["tokens_per_s"] / tail[best_tail]["tokens_per_s"],
+                        "tuner_vs_sd_off": tail["tuner"]["tokens_per_s"] / tail["sd_off"]["tokens_per_s"]}
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_sweep, ax_trace) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = ["sd_off", *[f"k={k}" for k in STATIC_KS], "tuner"]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        base = [report["sweep"]["sd_off"][str(b)] for b in BATCH_SIZES]
+        values = [report["sweep"][name][str(b)] / s for b, s in zip(BATCH_SIZES, base)]
+        ax_sweep.bar([j + i * width for j in range(len(BATCH_SIZES))], values, width, label=name)
+    ax_sweep.set_xticks([j + 0.4 - width / 2 for j in range(len(BATCH_SIZES))], [str(b) for b in BATCH_SIZES])
+    ax_sweep.axhline(1.0, color="black", linewidth=0.8)
+    ax_sweep.set(xlabel="concurrent requests", ylabel="tokens/s relative to SD-off", title="Batch sweep")
+    ax_sweep.legend(fontsize=7, ncol=2)
+    trace = report["tuner"]["long_tail_trace"]
+    ax_trace.plot([s["t"] for s in trace], [s["k"] for s in trace], drawstyle="steps-post", color="tab:red",
+                  label="k (tuner)")
+    ax_trace.set(xlabel="seconds into the rollout", ylabel="k", title="Long-tail rollout: k per engine step")
+    ax_batch = ax_trace.twinx()
+    ax_batch.plot([s["t"] for s in trace], [s["batch_size"] for s in trace], color="tab:gray", alpha=0.6,
+                  label="running requests")
+    ax_batch.set_ylabel("running requests")
+    r = report["ratios"]["long_tail"]
+    ax_trace.set_title(f"Long tail: tuner {r['tuner_vs_best_static']:.2f}x best static ({r['best_static']}), "
+                       f"{r['tuner_vs_sd_off']:.2f}x SD-off", fontsize=9)
+    fig.suptitle(f"respec tuner on the {report['preset']} lab (vLLM CPU, EAGLE-3, greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--max-tokens", type=int, default=64, help="response length in the batch sweep")
+    parser.add_argument("--min-sequences", type=int, default=8, help="small batches repeat to this many sequences")
+    parser.add_argument("--tail-requests", type=int, default=64)
+    parser.add_argument("--tail-min-tokens", type=int, default=16)
+    parser.add_argument("--tail-max-tokens", type=int, default=256)
+    parser.add_argument("--calibration-rounds", type=int, default=4)
+    parser.add_argument("--default-k", type=int, default=3)
+    parser.add_argument("--explore", type=float, default=0.1)
+    parser.add_argument("--min-steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    report = run(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tuner_sweep.json").write_text(json.dumps(report, indent=2))
+    plot(report, RESULTS / "tuner_sweep.png")
+    print(json.dumps(report["ratios"], indent=2))
+    for name in report["sweep"]:
+        print(f"{name:>7}: " + "  ".join(f"N={b}: {report['sweep'][name][str(b)]:8.1f}" for b in BATCH_SIZES)
+              + f"  long tail: {report['long_tail'][name]['tokens_per_s']:8.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""vLLM scheduler that takes its speculative-token schedule from the respec tuner while the engine runs.
+
+How k reaches the engine (vLLM 0.31 sources):
+- ``SpeculativeConfig.num_speculative_tokens_per_batch_size = [(bs_start, bs_end, k), ...]``
+  (vllm/config/speculative.py) is expanded once, in ``Scheduler.__init__``, into the dense table
+  ``Scheduler.dynamic_sd_lookup[batch_size] -> k``, clamped to ``num_speculative_tokens``
+  (vllm/v1/core/sched/scheduler.py, ``build_dynamic_sd_schedule_lookup`` in vllm/v1/spec_decode/dynamic/utils.py).
+- Every ``Scheduler.schedule()`` sets ``SchedulerOutput.num_spec_tokens_to_schedule =
+  dynamic_sd_lookup[len(num_scheduled_tokens)]``; that is the only place k is read per step. The model runner
+  passes it to the proposer (``GPUModelRunner.propose_draft_token_ids``, which the CPU runner inherits; EAGLE's
+  ``propose(num_speculative_tokens, ...)`` in vllm/v1/spec_decode/llm_base_proposer.py), and the next step
+  verifies whatever was drafted. With k = 0 the proposer returns no drafts (it still runs the drafter's first
+  forward so its KV cache stays in sync for when k comes back): no speculation at that batch size, lossless.
+- Hence this subclass only replaces ``dynamic_sd_lookup`` between steps. The schedule comes through a file in
+  the control directory named by ``additional_config["respec_tuner_dir"]`` (see respec_plugin/tuner/channel.py:
+  no vLLM API reaches the scheduler in the engine-core process), polled with one ``stat`` per step.
+- The same subclass measures every step (batch size, k, verified drafts, generated tokens, wall time between
+  step ends) and appends the records there: the tuner's cost model is fitted on what the engine really spent.
+
+Limits, from vLLM: ``VllmConfig._maybe_disable_dynamic_sd_for_data_parallel`` drops the schedule when
+data_parallel_size > 1 (ranks choosing different k deadlock), so then the lookup is None, schedules are ignored
+and the engine runs its static k (the respec server does not start the tuner then). ``suffix`` decoding picks
+its own lengths; respec does not offer it. The engine's ``num_speculative_tokens`` is the largest k any
+schedule may use. ``scheduler_cls`` is one class, yet vLLM needs ``AsyncScheduler`` under async scheduling:
+``ReSpecScheduler.__new__`` returns the async variant then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+from respec_plugin.tuner.channel import StepRecord, append_steps, read_schedule, schedule_stamp
+from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS
+
+logger = logging.getLogger(__name__)
+# Step records are written at most this often while busy, and always when the engine runs out of requests.
+_FLUSH_INTERVAL_S = 0.5
+
+
+class ReSpecScheduler(Scheduler):
+    """vLLM's scheduler with a live-updatable ``dynamic_sd_lookup`` and per-step measurements."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+        if cls is ReSpecScheduler and vllm_config.scheduler_config.async_scheduling:
+            cls = ReSpecAsyncScheduler
+        return super().__new__(cls)
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        super().__init__(vllm_config, *args, **kwargs)
+        control_dir = (vllm_config.additional_config or {}).get(CONTROL_DIR_KEY)
+        if not control_dir:
+            raise ValueError(f"{SCHEDULER_CLS} needs additional_config[{CONTROL_DIR_KEY!r}] (a directory).")
+        self.respec_control_dir = control_dir
+        self.respec_schedule_version = -1
+        self._schedule_stamp: tuple[int, int, int] | None = None
+        self._pending: dict[int, tuple[float, int, int, int, int]] = {}
+        self._busy_since: float | None = None
+        self._records: list[StepRecord] = []
+        self._last_flush = time.perf_counter()
+        if self.dynamic_sd_lookup is None:
+            logger.warning(
+                "respec: vLLM runs without a dynamic speculative schedule (speculation off, no "
+                "num_speculative_tokens_per_batch_size, or data_parallel_size > 1): k stays %d, schedules are ignored",
+                self.num_spec_tokens,
+            )
+
+    def schedule(self, *args, **kwargs):
+        start = time.perf_counter()
+        self._poll_schedule()
+        output = super().schedule(*args, **kwargs)
+        if output.total_num_scheduled_tokens > 0:
+            num_draft_tokens = sum(len(ids) for ids in output.scheduled_spec_decode_tokens.values())
+            self._pending[id(output)] = (
+                start,
+                len(output.num_scheduled_tokens),
+                output.num_spec_tokens_to_schedule,
+                num_draft_tokens,
+                output.total_num_scheduled_tokens,
+            )
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        pending = self._pending.pop(id(scheduler_output), None)
+        if pending is not None:
+            end = time.perf_counter()
+            start, batch_size, k, num_draft_tokens, num_scheduled_tokens = pending
+            self._records.append(
+                StepRecord(
+                    batch_size=batch_size,
+                    k=k,
+                    num_draft_tokens=num_draft_tokens,
+                    num_scheduled_tokens=num_scheduled_tokens,
+                    num_generated_tokens=sum(len(ids) for ids in model_runner_output.sampled_token_ids),
+                    duration_s=end - (start if self._busy_since is None else self._busy_since),
+                    end_time=time.time(),
+                    schedule_version=self.respec_schedule_version,
+                )
+            )
+            # The next step starts right away when requests remain; otherwise idle time must not count.
+            busy = self.has_unfinished_requests()
+            self._busy_since = end if busy else None
+            if not busy or end - self._last_flush > _FLUSH_INTERVAL_S:
+                append_steps(self.respec_control_dir, self._records)
+                self._records = []
+                self._last_flush = end
+        return outputs
+
+    def _poll_schedule(self) -> None:
+        stamp = schedule_stamp(self.respec_control_dir)
+        if stamp == self._schedule_stamp:
+            return
+        self._schedule_stamp = stamp
+        schedule, version = read_schedule(self.respec_control_dir)
+        if self.dynamic_sd_lookup is None:
+            return
+        try:
+            self.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
+                schedule,
+                vllm_max_batch_size=self.scheduler_config.max_num_seqs,
+                vllm_num_speculative_tokens=self.num_spec_tokens,
+            )
+        except ValueError as e:
+            logger.error("respec: schedule v%d %s rejected, keeping v%d: %s", version, schedule,
+                         self.respec_schedule_version, e)
+            return
+        self.respec_schedule_version = version
+        logger.info("respec: speculative schedule v%d installed: %s", version, schedule)
+
+
+class ReSpecAsyncScheduler(ReSpecScheduler, AsyncScheduler):
+    """The same under async scheduling (vLLM's ``AsyncScheduler`` keeps the placeholders it needs)."""

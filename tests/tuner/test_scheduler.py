@@ -1,0 +1,109 @@
+"""The tuner's vLLM scheduler on vLLM CPU with the tiny lab: a schedule installed into the running engine
+takes effect at the next step (drafted-token counts follow it, per batch size), every k is lossless (greedy
+outputs token-identical to plain vLLM), and the step records it writes describe what ran."""
+
+import gc
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from respec_plugin.lab.data import read_problems  # noqa: E402
+from respec_plugin.lab.models import chat_prompt_ids  # noqa: E402
+from respec_plugin.tuner.channel import take_steps, write_schedule  # noqa: E402
+from respec_plugin.tuner.scheduler import CONTROL_DIR_KEY, SCHEDULER_CLS  # noqa: E402
+
+K_MAX = 4
+NUM_PROMPTS = 6
+MAX_TOKENS = 32
+MAX_NUM_SEQS = 16
+ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.3,
+                     kv_cache_memory_bytes=256 << 20, seed=0, max_num_seqs=MAX_NUM_SEQS)
+
+
+def _generate(llm, prompts, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    # Different lengths give the batch a tail: the last requests decode alone.
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens + 4 * i) for i in range(len(prompts))]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs], [o.outputs[0].spec_decode_metrics for o in outputs]
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lab, tmp_path_factory):
+    """Plain vLLM once, then one tuner-scheduled engine serving under several installed schedules."""
+    from vllm import LLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lab.actor_dir)
+    prompts = [chat_prompt_ids(tokenizer, p.question) for p in read_problems(tiny_lab.val_parquet)[:NUM_PROMPTS]]
+    plain = LLM(model=tiny_lab.actor_dir, **ENGINE_KWARGS)
+    plain_tokens, _ = _generate(plain, prompts)
+    _shutdown(plain)
+
+    control_dir = str(tmp_path_factory.mktemp("tuner"))
+    llm = LLM(
+        model=tiny_lab.actor_dir,
+        speculative_config={"method": "eagle3", "model": tiny_lab.drafter_dir, "num_speculative_tokens": K_MAX,
+                            "num_speculative_tokens_per_batch_size": [(1, MAX_NUM_SEQS, K_MAX)]},
+        per_request_spec_decode_metrics="detailed",
+        scheduler_cls=SCHEDULER_CLS,
+        additional_config={CONTROL_DIR_KEY: control_dir},
+        **ENGINE_KWARGS,
+    )
+    schedules = {f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in range(K_MAX + 1)}
+    # Off while 3+ requests run, deep speculation in the tail.
+    schedules["tail"] = [(1, 2, K_MAX), (3, MAX_NUM_SEQS, 0)]
+    served = {}
+    for version, (name, schedule) in enumerate(schedules.items()):
+        write_schedule(control_dir, schedule, version)
+        take_steps(control_dir)
+        tokens, metrics = _generate(llm, prompts)
+        served[name] = {"version": version, "tokens": tokens, "metrics": metrics, "steps": take_steps(control_dir)}
+    _shutdown(llm)
+    return plain_tokens, served
+
+
+@pytest.mark.parametrize("name", [f"k={k}" for k in range(K_MAX + 1)] + ["tail"])
+def test_lossless_for_every_schedule(runs, name):
+    plain_tokens, served = runs
+    assert served[name]["tokens"] == plain_tokens
+
+
+@pytest.mark.parametrize("k", range(K_MAX + 1))
+def test_drafted_tokens_follow_installed_k(runs, k):
+    _, served = runs
+    run = served[f"k={k}"]
+    for metrics in run["metrics"]:
+        drafted = list(metrics.per_step_drafted) if metrics else []
+        # Every verify step of every request verified exactly k drafts (none at k=0).
+        assert all(d == k for d in drafted) and (k == 0 or drafted), drafted
+    decode_steps = [s for s in run["steps"] if s.is_decode]
+    assert decode_steps and all(s.schedule_version == run["version"] and s.k == k for s in run["steps"])
+    assert all(s.num_draft_tokens in (0, s.batch_size * k) for s in decode_steps)
+
+
+def test_schedule_follows_batch_size(runs):
+    _, served = runs
+    steps = served["tail"]["steps"]
+    assert {s.k for s in steps if s.batch_size >= 3} == {0}
+    assert {s.k for s in steps if s.batch_size <= 2} == {K_MAX}
+    # The long tail speculated: tail steps generated more than one token per request on average.
+    tail = [s for s in steps if s.batch_size <= 2 and s.num_draft_tokens > 0]
+    assert sum(s.num_generated_tokens for s in tail) > 1.5 * sum(s.batch_size for s in tail)
+
+
+def test_step_records_account_for_every_token(runs):
+    _, served = runs
+    run = served["k=2"]
+    generated = sum(len(t) for t in run["tokens"])
+    assert sum(s.num_generated_tokens for s in run["steps"]) == generated
+    assert all(s.duration_s > 0 for s in run["steps"])
