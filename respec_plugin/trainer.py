@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -67,6 +68,35 @@ class ReSpecTrainerMixin:
         real = [not tag.get("is_padding", False) for tag in batch.tags]
         records = [fields.get(EXTRA_KEY) for fields, keep in zip(extra_fields, real) if keep and fields]
         metrics.update(aggregate_step_metrics(records))
+        if self._respec_tuner_enabled():
+            from respec_plugin.tuner.replicas import update_tuners
+
+            metrics.update(update_tuners(self.llm_server_manager.get_replicas()))
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        if self._respec_tuner_enabled():
+            from respec_plugin.tuner.replicas import save_tuners
+
+            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+            save_tuners(self.llm_server_manager.get_replicas(), folder)
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self._respec_tuner_enabled() and self.global_steps > 0:
+            from respec_plugin.tuner.replicas import load_tuners
+
+            trainer = self.config.trainer
+            folder = (trainer.resume_from_path if trainer.resume_mode == "resume_path"
+                      else os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}"))
+            if not os.path.isabs(folder):
+                folder = os.path.join(os.getcwd(), folder)
+            if not load_tuners(self.llm_server_manager.get_replicas(), folder):
+                logger.warning("respec tuner: no saved state in %s; starting from the default k", folder)
+
+    def _respec_tuner_enabled(self) -> bool:
+        rollout = self.config.actor_rollout_ref.rollout
+        return rollout.name == ROLLOUT_NAME and ReSpecConfig.from_rollout_config(rollout).tuner.enabled
 
 
 def hook_v1_trainers() -> None:
