@@ -103,6 +103,16 @@ def distillation_loss(
     return loss, metrics
 
 
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of ``steps``, then cosine decay to 0: the short offline trainings of the
+    lab (actor supervision, drafter warm-up) use the same schedule."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
+
+
 def distill(
     drafter: Eagle3Drafter,
     input_ids: torch.Tensor,
@@ -113,11 +123,7 @@ def distill(
     """Trains the drafter (not the actor) on precomputed features of N sequences; returns every step's loss."""
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=spec.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
-    warmup = max(1, spec.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, spec.steps) / spec.steps)),
-    )
+    schedule = warmup_cosine_schedule(optimizer, spec.steps)
     drafter.train()
     losses = []
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from respec_plugin.config import ReSpecConfigError
+from respec_plugin.drafter.distill import warmup_cosine_schedule
 from respec_plugin.lab.data import MathProblem, prompt_text
 
 logger = logging.getLogger(__name__)
@@ -142,11 +143,7 @@ def supervise_actor(
     """AdamW with warm-up and cosine decay on the response tokens; returns the loss of every step."""
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(actor.parameters(), lr=spec.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, spec.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, spec.steps) / spec.steps)),
-    )
+    schedule = warmup_cosine_schedule(optimizer, spec.steps)
     actor.train()
     losses = []
     start = time.perf_counter()
