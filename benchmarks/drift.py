@@ -18,11 +18,10 @@ import statistics
 from pathlib import Path
 
 from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, run_logged
+from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-LEARNER = "+actor_rollout_ref.rollout.custom.respec.learner"
 RUNS = ("static", "online_kd", "online_rwkd", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
@@ -32,13 +31,12 @@ def overrides(lab, name: str, args) -> list[str]:
     if name == "vllm":
         return []
     drafter = lab.day0_drafter_dir if name == "day0" else lab.drafter_dir
-    block = [f"+actor_rollout_ref.rollout.custom.respec.drafter_path={drafter}",
-             f"+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens={args.num_speculative_tokens}"]
     weighting = {"online_kd": "uniform", "online_rwkd": "reward", "day0": args.day0_weighting}.get(name)
-    if weighting is not None:
-        block += [f"{LEARNER}.enable=True", f"{LEARNER}.reward_weighting={weighting}",
-                  f"{LEARNER}.steps_per_rl_step={args.learner_steps}", f"{LEARNER}.learning_rate={args.learner_lr}"]
-    return block
+    learner = {} if weighting is None else {
+        "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
+                    "learning_rate": args.learner_lr}
+    }
+    return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
 
 def run(lab, name: str, args) -> dict:

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, rollout_tokens_per_s, run_logged
+from respec_plugin.lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -26,10 +26,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def run(lab, rollout: str, args) -> dict:
     experiment_dir = REPO / "outputs" / "bench_respec_vs_vllm" / rollout
-    extra = [
-        f"+actor_rollout_ref.rollout.custom.respec.drafter_path={lab.drafter_dir}",
-        f"+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens={args.num_speculative_tokens}",
-    ]
+    extra = respec_overrides(drafter_path=lab.drafter_dir, num_speculative_tokens=args.num_speculative_tokens)
     argv, env = grpo_command(
         lab.train_parquet,
         lab.val_parquet,

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from respec_plugin.lab.launch import grpo_command, run_logged  # noqa: E402
+from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged  # noqa: E402
 
 STEPS = 2
 TRAIN_BATCH_SIZE = 4
@@ -25,10 +25,7 @@ def respec_run(tiny_lab, tmp_path_factory):
         train_batch_size=TRAIN_BATCH_SIZE,
         n=N,
         max_response_length=48,
-        extra_overrides=[
-            f"+actor_rollout_ref.rollout.custom.respec.drafter_path={tiny_lab.drafter_dir}",
-            "+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens=3",
-        ],
+        extra_overrides=respec_overrides(drafter_path=tiny_lab.drafter_dir, num_speculative_tokens=3),
     )
     return run_logged(argv, env, experiment_dir / "verl.log", timeout_s=1200)
 

@@ -15,7 +15,13 @@ import threading
 from pathlib import Path
 
 from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, parse_console_metrics, rollout_tokens_per_s, run_logged
+from respec_plugin.lab.launch import (
+    grpo_command,
+    parse_console_metrics,
+    respec_overrides,
+    rollout_tokens_per_s,
+    run_logged,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = (
@@ -52,10 +58,7 @@ def main() -> None:
 
     lab = build_lab(args.preset)
     out_dir = REPO / "outputs" / "cpu_demo" / args.rollout
-    respec_block = [
-        f"+actor_rollout_ref.rollout.custom.respec.drafter_path={lab.drafter_dir}",
-        f"+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens={args.num_speculative_tokens}",
-    ]
+    respec_block = respec_overrides(drafter_path=lab.drafter_dir, num_speculative_tokens=args.num_speculative_tokens)
     argv, env = grpo_command(
         lab.train_parquet,
         lab.val_parquet,

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from respec_plugin.config import CONFIG_PREFIX
+
 logger = logging.getLogger(__name__)
 
 VERL_MAIN = "verl.trainer.main_ppo"
@@ -127,6 +129,23 @@ def grpo_command(
         "PYTHONUNBUFFERED": "1",
     }
     return argv, env
+
+
+def respec_overrides(**block: object) -> list[str]:
+    """Hydra overrides that set the respec block; nested dicts are sub-blocks:
+    ``respec_overrides(num_speculative_tokens=3, learner={"enable": True})`` ->
+    ``["+actor_rollout_ref.rollout.custom.respec.num_speculative_tokens=3", "+...respec.learner.enable=True"]``."""
+
+    def flatten(prefix: str, values: Mapping[str, object]) -> list[str]:
+        overrides = []
+        for key, value in values.items():
+            if isinstance(value, Mapping):
+                overrides += flatten(f"{prefix}.{key}", value)
+            else:
+                overrides.append(f"+{prefix}.{key}={value}")
+        return overrides
+
+    return flatten(CONFIG_PREFIX, block)
 
 
 def override_key(override: str) -> str:

@@ -10,7 +10,8 @@ import psutil
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from respec_plugin.lab.launch import grpo_command, parse_console_metrics, run_logged
+from respec_plugin.config import ReSpecConfig
+from respec_plugin.lab.launch import grpo_command, parse_console_metrics, respec_overrides, run_logged
 
 # Excerpt (12 of its 103 metrics, in order, verbatim) of the step-3 line verl 0.9.1's console logger printed in a
 # CPU GRPO run through this launcher, Ray's coloured actor prefix included.
@@ -67,6 +68,14 @@ def test_extra_overrides_replace_the_launchers_own(tmp_path: Path) -> None:
     config = _compose(argv[3:])
     assert config.actor_rollout_ref.rollout.n == 3
     assert list(config.trainer.logger) == ["console"]
+
+
+def test_respec_overrides_land_in_the_rollouts_respec_block(tmp_path: Path) -> None:
+    block = respec_overrides(method="ngram", num_speculative_tokens=2, tuner={"mode": "static", "k_max": 5})
+    argv, _ = _command(tmp_path, extra_overrides=block)
+    respec = ReSpecConfig.from_rollout_config(_compose(argv[3:]).actor_rollout_ref.rollout)
+    assert (respec.method, respec.num_speculative_tokens) == ("ngram", 2)
+    assert (respec.tuner.mode, respec.tuner.k_max) == ("static", 5)
 
 
 def test_parse_console_metrics_on_a_real_line() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from respec_plugin.lab.launch import grpo_command, run_logged  # noqa: E402
+from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged  # noqa: E402
 
 STEPS = 3
 
@@ -28,11 +28,11 @@ def learner_run(tiny_lab, tmp_path_factory):
         n=4,
         max_response_length=48,
         extra_overrides=[
-            f"+actor_rollout_ref.rollout.custom.respec.drafter_path={tiny_lab.drafter_dir}",
-            "+actor_rollout_ref.rollout.custom.respec.learner.enable=True",
-            "+actor_rollout_ref.rollout.custom.respec.learner.steps_per_rl_step=4",
-            # The uniform ablation: every step has trajectories to learn from whatever the rewards.
-            "+actor_rollout_ref.rollout.custom.respec.learner.reward_weighting=uniform",
+            *respec_overrides(
+                drafter_path=tiny_lab.drafter_dir,
+                # The uniform ablation: every step has trajectories to learn from whatever the rewards.
+                learner={"enable": True, "steps_per_rl_step": 4, "reward_weighting": "uniform"},
+            ),
             f"trainer.save_freq={STEPS}",
         ],
     )

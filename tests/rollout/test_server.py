@@ -13,6 +13,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from respec_plugin.drafter.checkpoint import read_drafter_tensors  # noqa: E402
+from respec_plugin.lab.launch import respec_overrides  # noqa: E402
 
 NUM_SPECULATIVE_TOKENS = 3
 MAX_TOKENS = 40
@@ -40,7 +41,7 @@ def _rollout_and_model_config(actor_dir: str, respec_block: dict):
         "actor_rollout_ref.rollout.response_length=128",
         "actor_rollout_ref.rollout.max_num_batched_tokens=1024",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-        *(f"+actor_rollout_ref.rollout.custom.respec.{k}={v}" for k, v in respec_block.items()),
+        *respec_overrides(**respec_block),
     ]
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
