@@ -25,7 +25,8 @@ import torch
 
 from respec_plugin.config import ReSpecConfigError
 from respec_plugin.drafter.distill import DistillSpec, distill, distillation_loss, precompute_features
-from respec_plugin.drafter.eagle3 import Eagle3Config, Eagle3Drafter, draft_vocab_from_counts, init_from_actor
+from respec_plugin.drafter.day0 import config_for_actor
+from respec_plugin.drafter.eagle3 import Eagle3Drafter, draft_vocab_from_counts, init_from_actor
 from respec_plugin.drafter.io import save_drafter
 from respec_plugin.lab.data import MathDataSpec, read_problems, write_math_data
 from respec_plugin.lab.models import (
@@ -227,19 +228,8 @@ def _build(preset: str, spec: LabPreset, out: Path) -> None:
         lap("actor_rollouts")
 
         counts = torch.bincount(warmup[0][warmup[2]], minlength=actor.config.vocab_size)
-        drafter_config = Eagle3Config(
-            hidden_size=actor.config.hidden_size,
-            intermediate_size=actor.config.intermediate_size,
-            num_attention_heads=actor.config.num_attention_heads,
-            num_key_value_heads=actor.config.num_key_value_heads,
-            head_dim=actor.config.hidden_size // actor.config.num_attention_heads,
-            vocab_size=actor.config.vocab_size,
-            draft_vocab_size=spec.drafter.draft_vocab_size,
-            eagle_aux_hidden_state_layer_ids=spec.drafter.eagle_aux_hidden_state_layer_ids,
-            rms_norm_eps=actor.config.rms_norm_eps,
-            rope_theta=actor.config.rope_parameters["rope_theta"],
-            max_position_embeddings=actor.config.max_position_embeddings,
-        )
+        drafter_config = config_for_actor(actor.config.to_dict(), spec.drafter.draft_vocab_size,
+                                          spec.drafter.eagle_aux_hidden_state_layer_ids)
         drafter = init_from_actor(drafter_config, actor.get_input_embeddings().weight,
                                   actor.get_output_embeddings().weight, draft_vocab_from_counts(counts,
                                   drafter_config.draft_vocab_size), spec.seed)
