@@ -1,6 +1,6 @@
 """Every recipe (script x dataset) composes with verl's installed Hydra config and passes verl's own validation and
 respec's, so the recipes cannot rot: the test runs each script in its DRY_RUN mode and composes the command it
-prints."""
+prints (and, without a drafter, runs the day-0 drafter build it prints first)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from transformers import AutoConfig
 
 from respec_plugin.config import ReSpecConfig, check_vllm_supports
+from respec_plugin.drafter import day0
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SCRIPTS = sorted(RECIPES.glob("grpo_qwen2_5_*.sh"))
@@ -23,8 +25,8 @@ DATASETS = ("gsm8k", "math", "mixed")
 TENSOR_PARALLEL = {"3b": 1, "7b": 2, "14b": 4}
 
 
-def _recipe_command(script: Path, env: dict[str, str], *overrides: str) -> list[str]:
-    """The argv the recipe script would exec (DRY_RUN=1 prints it, shell-quoted)."""
+def _recipe_commands(script: Path, env: dict[str, str], *overrides: str) -> list[list[str]]:
+    """The argvs the recipe script would run, in order (DRY_RUN=1 prints them shell-quoted, one per line)."""
     result = subprocess.run(
         ["bash", str(script), *overrides],
         env={**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", **env},
@@ -34,7 +36,13 @@ def _recipe_command(script: Path, env: dict[str, str], *overrides: str) -> list[
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    return shlex.split(result.stdout)
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def _recipe_command(script: Path, env: dict[str, str], *overrides: str) -> list[str]:
+    """The verl command, the only one when a drafter is given."""
+    [argv] = _recipe_commands(script, env, *overrides)
+    return argv
 
 
 def _compose(argv: list[str]) -> DictConfig:
@@ -107,12 +115,32 @@ def test_user_paths_and_overrides_reach_the_config(drafter_dir: Path, tmp_path: 
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"DATASET": "gsm8k"}, "DRAFTER_PATH is not set"), ({"DATASET": "aime", "DRAFTER_PATH": "/d"}, "DATASET must be")],
+    [({"DATASET": "gsm8k"}, "set MODEL_PATH to the actor's local"),
+     ({"DATASET": "aime", "DRAFTER_PATH": "/d"}, "DATASET must be")],
 )
 def test_bad_recipe_input_fails_with_the_fix(env: dict[str, str], message: str) -> None:
-    result = subprocess.run(["bash", str(SCRIPTS[0])], env={**os.environ, "DRY_RUN": "1", "DRAFTER_PATH": "", **env},
+    result = subprocess.run(["bash", str(SCRIPTS[0])],
+                            env={**os.environ, "DRY_RUN": "1", "DRAFTER_PATH": "", "MODEL_PATH": "", **env},
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 1 and message in result.stderr
+
+
+def test_without_a_drafter_the_recipe_builds_a_day0_drafter_once(tiny_lab, tmp_path: Path) -> None:
+    checkpoint_dir = tmp_path / "checkpoints"
+    env = {"DRAFTER_PATH": "", "MODEL_PATH": tiny_lab.actor_dir, "CHECKPOINT_DIR": str(checkpoint_dir)}
+    build, argv = _recipe_commands(SCRIPTS[0], env)
+    day0_dir = checkpoint_dir / "drafter_day0"
+    assert build == [sys.executable, "-m", "respec_plugin.drafter.day0", "--actor", tiny_lab.actor_dir,
+                     "--out", str(day0_dir)]
+    day0.main(build[3:])  # what the script runs before verl
+
+    config = _compose(argv)
+    assert config.trainer.default_local_dir == str(checkpoint_dir)
+    respec = ReSpecConfig.from_rollout_config(config.actor_rollout_ref.rollout)
+    assert respec.drafter_path == str(day0_dir) and respec.learner.enable
+    respec.check_against_actor(AutoConfig.from_pretrained(tiny_lab.actor_dir))
+    # Built once: a second launch (e.g. a resumed run) reuses it.
+    assert _recipe_command(SCRIPTS[0], env) == argv
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:
