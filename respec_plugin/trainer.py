@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import logging
-import os
 import sys
 from typing import Callable
 
 from respec_plugin import ROLLOUT_NAME
 from respec_plugin.config import ReSpecConfig
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
+from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +69,21 @@ class ReSpecTrainerMixin:
         records = [fields.get(EXTRA_KEY) for fields, keep in zip(extra_fields, real) if keep and fields]
         metrics.update(aggregate_step_metrics(records))
         if self._respec_tuner_enabled():
-            from respec_plugin.tuner.replicas import update_tuners
+            from respec_plugin.tuner.replicas import save_tuners, update_tuners
 
-            metrics.update(update_tuners(self.llm_server_manager.get_replicas()))
-
-    def _save_checkpoint(self):
-        super()._save_checkpoint()
-        if self._respec_tuner_enabled():
-            from respec_plugin.tuner.replicas import save_tuners
-
-            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-            save_tuners(self.llm_server_manager.get_replicas(), folder)
+            replicas = self.llm_server_manager.get_replicas()
+            metrics.update(update_tuners(replicas))
+            # Saved after this step's update (verl saved its own state earlier in the step), so a resumed run
+            # serves the schedule this run's next rollout would have served.
+            if save_due(self):
+                save_tuners(replicas, step_folder(self.config.trainer, global_steps))
 
     def _load_checkpoint(self):
-        super()._load_checkpoint()
-        if self._respec_tuner_enabled() and self.global_steps > 0:
+        super()._load_checkpoint()  # sets global_steps to the restored step (0: none); the replicas exist already
+        folder = resumed_folder(self.config.trainer, self.global_steps)
+        if folder is not None and self._respec_tuner_enabled():
             from respec_plugin.tuner.replicas import load_tuners
 
-            trainer = self.config.trainer
-            folder = (trainer.resume_from_path if trainer.resume_mode == "resume_path"
-                      else os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}"))
-            if not os.path.isabs(folder):
-                folder = os.path.join(os.getcwd(), folder)
             if not load_tuners(self.llm_server_manager.get_replicas(), folder):
                 logger.warning("respec tuner: no saved state in %s; starting from the default k", folder)
 

@@ -8,9 +8,7 @@ group, replicas and step counter, so the mixin stays a thin hook list.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 from respec_plugin.config import ReSpecConfig
 from respec_plugin.drafter.eagle3 import vllm_weights
@@ -23,6 +21,7 @@ from respec_plugin.learner.features import (
 )
 from respec_plugin.learner.loop import OnlineLearner
 from respec_plugin.rollout.hotswap import drafter_versions, publish_drafter
+from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,9 @@ class LearnerHook:
         self.trainer = trainer
         self.actor = ActorMirror(trainer.config.actor_rollout_ref.model.path)
         embed = self.actor.model.get_input_embeddings().weight
-        resume_dir = _resume_dir(trainer)
+        # fit() has already advanced global_steps past the checkpointed step when training begins.
+        resumed = resumed_folder(trainer.config.trainer, trainer.global_steps - 1)
+        resume_dir = resumed / CHECKPOINT_SUBDIR if resumed is not None else None
         if resume_dir is not None and resume_dir.is_dir():
             self.learner = OnlineLearner.restore(self.config, resume_dir, embed)
             logger.info("respec learner restored from %s: drafter v%d", resume_dir, self.learner.serving_version)
@@ -81,35 +82,7 @@ class LearnerHook:
     def save_if_due(self) -> None:
         """Into verl's checkpoint folder of this step, when verl saved one this step (after this step's learning,
         which runs after verl's save, so a resume starts from the drafter the next rollout served)."""
-        directory = checkpoint_dir(self.trainer, self.trainer.global_steps)
-        if _save_due(self.trainer) and directory is not None and directory.parent.is_dir():
-            directory.mkdir(exist_ok=True)
-            self.learner.save(directory)
-
-
-def checkpoint_dir(trainer, global_step: int) -> Path | None:
-    """``<default_local_dir>/global_step_<n>/respec_learner`` (None before the first step)."""
-    if global_step < 1:
-        return None
-    root = trainer.config.trainer.default_local_dir
-    if not os.path.isabs(root):
-        root = os.path.join(os.getcwd(), root)
-    return Path(root) / f"global_step_{global_step}" / CHECKPOINT_SUBDIR
-
-
-def _resume_dir(trainer) -> Path | None:
-    """Where verl resumed from: ``resume_from_path`` or the latest step's folder (fit() has already advanced
-    ``global_steps`` past the checkpointed step when training begins)."""
-    if trainer.global_steps <= 1:
-        return None
-    if trainer.config.trainer.resume_mode == "resume_path":
-        return Path(os.path.abspath(trainer.config.trainer.resume_from_path)) / CHECKPOINT_SUBDIR
-    return checkpoint_dir(trainer, trainer.global_steps - 1)
-
-
-def _save_due(trainer) -> bool:
-    """verl's own condition for saving a checkpoint at the current step."""
-    save_freq = trainer.config.trainer.save_freq
-    is_last = trainer.global_steps >= trainer.total_training_steps
-    return save_freq > 0 and (is_last or trainer.global_steps % save_freq == 0)
-
+        folder = step_folder(self.trainer.config.trainer, self.trainer.global_steps)
+        if save_due(self.trainer) and folder.is_dir():
+            (folder / CHECKPOINT_SUBDIR).mkdir(exist_ok=True)
+            self.learner.save(folder / CHECKPOINT_SUBDIR)

@@ -22,14 +22,14 @@ def update_tuners(replicas) -> dict[str, float]:
     return {key: sum(v) / len(v) for key, v in values.items()}
 
 
-def save_tuners(replicas, checkpoint_folder: str) -> None:
+def save_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> None:
     states = ray.get([replica.engine_server.tuner_state.remote() for replica in replicas])
     os.makedirs(checkpoint_folder, exist_ok=True)
     with open(os.path.join(checkpoint_folder, CHECKPOINT_FILE), "w") as f:
         json.dump(states, f)
 
 
-def load_tuners(replicas, checkpoint_folder: str) -> bool:
+def load_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> bool:
     """Restore the saved states (replica i from state i, extra replicas from the first); False if none saved."""
     path = os.path.join(checkpoint_folder, CHECKPOINT_FILE)
     if not os.path.isfile(path):
