@@ -19,7 +19,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import logging
     import os
+
+    # verl leaves the root logger at WARNING and sets its own to VERL_LOGGING_LEVEL (default INFO); respec's follow
+    # verl's, so that its INFO lines (a resume's "respec learner restored from ...") reach the run's log.
+    logging.getLogger(__name__).setLevel(os.environ.get("VERL_LOGGING_LEVEL", "INFO"))
 
     if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
         from respec_plugin.lab import cpu_platform
