@@ -6,6 +6,7 @@ The one place that knows which overrides and environment a stock verl 0.9.1 run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -168,7 +169,8 @@ def merge_overrides(base: Iterable[str], extra: Iterable[str]) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """Outcome of one verl run: exit code (None when killed at the time limit), wall time, log, metrics."""
+    """Outcome of one verl run: exit code (None when killed at the time limit, -SIGKILL when killed after
+    ``kill_after_step``), wall time, log, metrics."""
 
     returncode: int | None
     wall_s: float
@@ -188,11 +190,14 @@ def run_logged(
     timeout_s: float,
     cwd: str | os.PathLike[str] | None = None,
     kill_grace_s: float = 30.0,
+    kill_after_step: int | None = None,
 ) -> RunResult:
     """Run ``argv`` with ``env`` added to this process's environment, stdout+stderr streamed into ``log_path``.
 
     The command runs in its own process group; past ``timeout_s`` the whole group (driver, Ray's local
-    cluster, vLLM engines) gets SIGTERM, then SIGKILL after ``kill_grace_s``.
+    cluster, vLLM engines) gets SIGTERM, then SIGKILL after ``kill_grace_s``. With ``kill_after_step``, every
+    process of the run gets SIGKILL as soon as verl has logged that step's metrics (the step's checkpoint is
+    written by then): a crash, no clean shutdown, that a later run can resume from.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,13 +214,53 @@ def run_logged(
         )
         logger.info("started pid %d, log %s: %s", process.pid, log_path, " ".join(argv))
         try:
-            returncode: int | None = process.wait(timeout=timeout_s)
+            if kill_after_step is None:
+                returncode: int | None = process.wait(timeout=timeout_s)
+            else:
+                returncode = _kill_after_step(process, log_path, kill_after_step, timeout_s)
         except subprocess.TimeoutExpired:
             logger.warning("pid %d ran past %.0f s; stopping its process group", process.pid, timeout_s)
             _stop_group(process, kill_grace_s)
             returncode = None
     wall_s = time.monotonic() - start
     return RunResult(returncode, wall_s, log_path, parse_console_metrics(log_path.read_text(errors="replace")))
+
+
+def _kill_after_step(process: subprocess.Popen[bytes], log_path: Path, step: int, timeout_s: float) -> int:
+    """Poll the log until ``step``'s metrics line, then SIGKILL the run's whole session; its exit code."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if step in parse_console_metrics(log_path.read_text(errors="replace")):
+            logger.info("pid %d logged step %d; killing its session", process.pid, step)
+            # Ray gives each actor its own process group, but all stay in the session start_new_session opened.
+            # Sweep until none is left: a process may fork between the listing and its parent's death.
+            while (session := _session_pids(process.pid)) and time.monotonic() < deadline:
+                for pid in session:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.5)
+            break
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(process.args, timeout_s)
+        time.sleep(1.0)
+    return process.wait()
+
+
+def _session_pids(session_id: int) -> list[int]:
+    """Live (not zombie) processes of a session, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid pgrp session ...": comm may hold spaces, so split after its ")".
+                state, _, _, session = f.read().rsplit(")", 1)[1].split()[:4]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(session) == session_id and state != "Z":
+            pids.append(int(entry))
+    return pids
 
 
 def _stop_group(process: subprocess.Popen[bytes], grace_s: float) -> None:

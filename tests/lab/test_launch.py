@@ -1,8 +1,10 @@
 """The lab launcher: its argv composes with verl's own Hydra config and passes verl's validation; verl's console
-metric lines parse into per-step dicts; the runner streams to a log and stops a command at its time limit."""
+metric lines parse into per-step dicts; the runner streams to a log, stops a command at its time limit and kills a
+whole run after a given step."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -116,6 +118,23 @@ def test_run_logged_stops_the_process_group_at_the_time_limit(tmp_path: Path) ->
     result = run_logged([sys.executable, "-c", script], {}, tmp_path / "run.log", timeout_s=3, kill_grace_s=5)
     assert result.returncode is None and not result.ok
     assert result.wall_s < 30
+    assert not _alive(int(result.log_path.read_text().split()[1]))
+
+
+def test_run_logged_kills_the_whole_run_after_a_step(tmp_path: Path) -> None:
+    # The child takes its own process group, as Ray's actors do; the kill must reach it through the session.
+    script = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], process_group=0)\n"
+        "print('child', child.pid, flush=True)\n"
+        "time.sleep(1)\n"
+        "print('step:1 - a:1', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    result = run_logged([sys.executable, "-c", script], {}, tmp_path / "run.log", timeout_s=60, kill_after_step=1)
+    assert result.returncode == -signal.SIGKILL and not result.ok
+    assert result.wall_s < 30
+    assert result.metrics == {1: {"a": 1.0}}
     assert not _alive(int(result.log_path.read_text().split()[1]))
 
 
