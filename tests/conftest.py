@@ -1,4 +1,5 @@
-"""Shared test setup: every test runs on the lab's CPU platform, against the tiny lab built once per session."""
+"""Shared test setup: every test runs on the lab's CPU platform, against the tiny lab built once per session; the
+end-to-end learner, tuner and resume tests share one killed and one resumed GRPO run (tests/grpo_runs.py)."""
 
 import os
 
@@ -21,3 +22,20 @@ def tiny_lab():
     from respec_plugin.lab.build import build_lab
 
     return build_lab("tiny")
+
+
+@pytest.fixture(scope="session")
+def killed_run(tiny_lab, tmp_path_factory):
+    """The shared learner + tuner GRPO run (tests/grpo_runs.py), SIGKILLed right after its checkpoint step."""
+    from tests import grpo_runs
+
+    experiment_dir = tmp_path_factory.mktemp("grpo_learner_tuner")
+    return grpo_runs.run(tiny_lab, experiment_dir, "verl.log", kill_after_step=grpo_runs.SAVE_STEP)
+
+
+@pytest.fixture(scope="session")
+def resumed_run(tiny_lab, killed_run):
+    """The same command in the killed run's experiment directory: verl resumes it from the checkpoint."""
+    from tests import grpo_runs
+
+    return grpo_runs.run(tiny_lab, killed_run.experiment_dir, "verl-resumed.log")

@@ -1,11 +1,14 @@
 """End to end: stock verl GRPO (``python -m verl.trainer.main_ppo``) with ``rollout.name=respec`` on the tiny
-lab completes its steps and logs the ``respec/*`` metrics, consistent with verl's own."""
+lab completes its steps and logs the ``respec/*`` metrics, consistent with verl's own; a killed run resumes."""
+
+import signal
 
 import pytest
 
 pytest.importorskip("vllm")
 
 from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged  # noqa: E402
+from tests.grpo_runs import SAVE_STEP, TOTAL_STEPS  # noqa: E402
 
 STEPS = 2
 TRAIN_BATCH_SIZE = 4
@@ -46,3 +49,21 @@ def test_grpo_with_respec_completes_and_logs_respec_metrics(respec_run):
         verl_tokens = metrics["response_length/mean"] * TRAIN_BATCH_SIZE * N
         assert metrics["respec/rollout_tokens"] == pytest.approx(verl_tokens, rel=1e-3), step
 
+
+def test_killed_run_resumes_at_the_step_after_its_checkpoint(killed_run, resumed_run):
+    """The shared learner + tuner run (tests/grpo_runs.py) is SIGKILLed, all its processes at once, as soon as it
+    has logged step SAVE_STEP: a real crash, not a clean stop, so nothing at shutdown (verl's ``on_train_end``,
+    Ray's teardown) can help the resume. It is not flaky: verl logs a step after everything of it, checkpoints
+    included (verl's in the step, the learner's in ``on_step_end``, the tuner's with the step's metrics), and the
+    next step takes far longer than the launcher's 1 s poll, so the kill always lands inside step SAVE_STEP + 1,
+    where what it interrupts does not matter. The same command in the same directory then resumes
+    (``trainer.resume_mode=auto``) at the step after the checkpoint and finishes the run. What the learner and the
+    tuner restore is checked in tests/learner/test_trainer_learner.py and tests/tuner/test_trainer_tuner.py."""
+    assert killed_run.result.returncode == -signal.SIGKILL, killed_run.result.log_path
+    resumed = resumed_run.result
+    assert resumed.ok, f"verl exited {resumed.returncode}; log: {resumed.log_path}"
+    assert sorted(resumed.metrics) == [SAVE_STEP + 1]
+    log = resumed.log_path.read_text(errors="replace")
+    checkpoint = killed_run.checkpoints / f"global_step_{SAVE_STEP}"
+    assert f"Resuming from {checkpoint}, setting global step to {SAVE_STEP}" in log
+    assert (killed_run.checkpoints / "latest_checkpointed_iteration.txt").read_text() == str(TOTAL_STEPS)
