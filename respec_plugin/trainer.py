@@ -18,17 +18,20 @@ from typing import Callable
 
 from respec_plugin import ROLLOUT_NAME
 from respec_plugin.config import ReSpecConfig
+from respec_plugin.report import DASHBOARD_KEYS, draw_dashboard
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
 from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
 
 logger = logging.getLogger(__name__)
 
 _V1_PACKAGE = "verl.trainer.ppo.v1"
+DASHBOARD_FILE = "respec_dashboard.png"  # written into trainer.default_local_dir at the end of a respec run
 
 
 class ReSpecTrainerMixin:
     """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
-    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync."""
+    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync. At the end of
+    the run it draws the steps' respec dashboard (``respec_plugin.report``) into the checkpoint root."""
 
     _respec_learner = None  # respec_plugin.learner.trainer_hook.LearnerHook when the learner is on
     _respec_learner_metrics: dict = {}
@@ -36,6 +39,7 @@ class ReSpecTrainerMixin:
     def on_train_begin(self):
         super().on_train_begin()
         if self.config.actor_rollout_ref.rollout.name == ROLLOUT_NAME:
+            self._respec_dashboard_steps: dict[int, dict[str, float]] = {}
             respec = ReSpecConfig.from_rollout_config(self.config.actor_rollout_ref.rollout)
             if respec.learner.enable:
                 from respec_plugin.learner.trainer_hook import LearnerHook
@@ -77,6 +81,28 @@ class ReSpecTrainerMixin:
             # serves the schedule this run's next rollout would have served.
             if save_due(self):
                 save_tuners(replicas, step_folder(self.config.trainer, global_steps))
+
+        self._respec_dashboard_steps[global_steps] = {k: float(metrics[k]) for k in DASHBOARD_KEYS if k in metrics}
+
+    def fit(self, agent_loop_manager):
+        """verl 0.9.1's ``fit`` returns right after its last step without calling ``on_train_end`` (that hook runs only
+        when the epochs run out first), so the dashboard is drawn once ``fit`` returns, however the run ended."""
+        result = super().fit(agent_loop_manager)
+        if self.config.actor_rollout_ref.rollout.name == ROLLOUT_NAME:
+            self._respec_draw_dashboard()
+        return result
+
+    def _respec_draw_dashboard(self) -> None:
+        """``<trainer.default_local_dir>/respec_dashboard.png`` of the steps seen; a failure to draw only warns."""
+        trainer = self.config.trainer
+        try:
+            dashboard = draw_dashboard({trainer.experiment_name: self._respec_dashboard_steps},
+                                       f"{trainer.default_local_dir}/{DASHBOARD_FILE}",
+                                       title=f"{trainer.project_name}/{trainer.experiment_name}")
+        except Exception:
+            logger.warning("respec dashboard not drawn into %s", trainer.default_local_dir, exc_info=True)
+            return
+        logger.info("respec dashboard: %s", dashboard.path)
 
     def _load_checkpoint(self):
         super()._load_checkpoint()  # sets global_steps to the restored step (0: none); the replicas exist already

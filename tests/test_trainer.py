@@ -1,13 +1,18 @@
 """End to end: stock verl GRPO (``python -m verl.trainer.main_ppo``) with ``rollout.name=respec`` on the tiny
-lab completes its steps and logs the ``respec/*`` metrics, consistent with verl's own; a killed run resumes."""
+lab completes its steps and logs the ``respec/*`` metrics, consistent with verl's own and under the same names in
+wandb, and leaves its dashboard in the checkpoint root; a killed run resumes."""
 
+import json
 import signal
+import struct
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 
 from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged  # noqa: E402
+from respec_plugin.trainer import DASHBOARD_FILE  # noqa: E402
 from tests.grpo_runs import SAVE_STEP, TOTAL_STEPS  # noqa: E402
 
 STEPS = 2
@@ -48,6 +53,50 @@ def test_grpo_with_respec_completes_and_logs_respec_metrics(respec_run):
         # Our per-request token counts agree with verl's own response lengths.
         verl_tokens = metrics["response_length/mean"] * TRAIN_BATCH_SIZE * N
         assert metrics["respec/rollout_tokens"] == pytest.approx(verl_tokens, rel=1e-3), step
+
+
+def test_respec_metrics_reach_wandb_under_their_names(respec_run):
+    """verl's own tracking logger carries the ``respec/*`` metrics to wandb unchanged (the launcher's wandb is
+    offline, under the experiment directory)."""
+    experiment_dir = respec_run.log_path.parent
+    (run_file,) = experiment_dir.glob("wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    assert sorted(history) == sorted(respec_run.metrics)
+    for step, metrics in respec_run.metrics.items():
+        assert history[step]["respec/accept_length"] == pytest.approx(metrics["respec/accept_length"]), step
+
+
+def test_run_ends_with_a_dashboard_in_its_checkpoint_root(respec_run):
+    dashboard = respec_run.log_path.parent / "checkpoints" / DASHBOARD_FILE  # trainer.default_local_dir
+    assert dashboard.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "respec dashboard: " + str(dashboard) in respec_run.log_path.read_text(errors="replace")
+
+
+def wandb_history(run_file: Path) -> dict[int, dict[str, object]]:
+    """The history rows (step -> {key: value}) of an offline wandb run file. wandb 0.31 writes no
+    wandb-summary.json offline and has no Python reader; the file is a LevelDB-style log (``:W&B`` header, 32 KiB
+    blocks of records, each a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST) of protobuf ``Record``s."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data.startswith(b":W&B"), run_file
+    block, offset, payload, rows = 32768, 7, b"", {}
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block tail too short for a record header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        payload += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):  # FULL or LAST: the record is complete
+            record = wandb_internal_pb2.Record.FromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows[record.history.step.num] = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items
+                }
+    return rows
 
 
 def test_killed_run_resumes_at_the_step_after_its_checkpoint(killed_run, resumed_run):
