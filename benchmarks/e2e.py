@@ -1,0 +1,160 @@
+"""End-to-end GRPO with four rollout set-ups on the CPU lab: no speculation, n-gram, static EAGLE-3, full respec.
+
+    python benchmarks/e2e.py [--preset tiny] [--steps 10] [--runs vllm,ngram,static,full]
+
+Every run is stock verl GRPO (``python -m verl.trainer.main_ppo``) from the same lab, seed and sizes, one after the
+other on this machine; only the rollout name and the respec block differ:
+
+- ``vllm``: ``rollout.name=vllm``, no speculation (the baseline);
+- ``ngram``: vLLM's own model-free n-gram (prompt-lookup) proposer, through respec with ``method=ngram``, static k.
+  Suffix decoding (vLLM's ``method=suffix``) is not run: it needs arctic-inference, and PyPI has no wheel of it for
+  this platform (CPython 3.11, Linux x86_64) at the version vLLM asks for (0.1.1) or the latest (0.3.0, sdist only);
+  the only wheels are the pure-Python 0.0.1-0.0.4, which predate suffix decoding (checked with ``pip download
+  --only-binary :all:``);
+- ``static``: respec with the lab's warmed-up EAGLE-3 drafter, fixed k, no learner, no tuner;
+- ``full``: the same drafter with the online learner on (``learner.enable=True``) and the adaptive k tuner
+  (``tuner.mode=adaptive``; k is the tuner's default until it is calibrated).
+
+Rollout tokens/s is verl's own measure for every run (generated tokens / ``timing_s/gen``), so all four compare on
+equal terms; RL step time is ``timing_s/step``. Summary ratios are means over steps 2..N (step 1 warms the engines
+up), to ``vllm`` and also to ``ngram`` and ``static``. Results (``benchmarks/results/e2e.json`` and the dashboard
+``e2e.png``) are written after every run, so a cut-short benchmark keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from respec_plugin.lab.build import build_lab
+from respec_plugin.lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
+from respec_plugin.report import ACCEPT_LENGTH, LEARNER_LOSS, REWARD, STATIC_K, STEP_TIME, TUNER_K, draw_dashboard
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = ("vllm", "ngram", "static", "full")
+BASELINE = "vllm"
+# Rollout tokens/s as verl measures it for any backend (generated tokens / timing_s/gen); respec's own
+# respec/rollout_tokens_per_s exists only for respec rollouts.
+TOKENS_PER_S = "e2e/rollout_tokens_per_s"
+REPORTED = (TOKENS_PER_S, STEP_TIME, ACCEPT_LENGTH, REWARD, TUNER_K, STATIC_K, LEARNER_LOSS)
+# Each run's ratios are also taken to these references (when both ran).
+REFERENCES = {"ngram": ("vllm",), "static": ("vllm", "ngram"), "full": ("vllm", "ngram", "static")}
+SUFFIX_NOT_RUN = ("vLLM suffix decoding needs arctic-inference; PyPI has no wheel of it for CPython 3.11 Linux x86_64 "
+                  "at 0.1.1 (what vLLM asks for) or 0.3.0 (sdist only); wheels 0.0.1-0.0.4 predate suffix decoding")
+
+
+def overrides(lab, name: str, args) -> list[str]:
+    """The respec block of each run (none for stock vLLM)."""
+    if name == "vllm":
+        return []
+    if name == "ngram":
+        return respec_overrides(method="ngram", num_speculative_tokens=args.num_speculative_tokens)
+    full = {"learner": {"enable": True}, "tuner": {"mode": "adaptive"}} if name == "full" else {}
+    return respec_overrides(drafter_path=lab.drafter_dir, num_speculative_tokens=args.num_speculative_tokens, **full)
+
+
+def run(lab, name: str, args) -> dict:
+    experiment_dir = REPO / "outputs" / "bench_e2e" / name
+    argv, env = grpo_command(
+        lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
+        rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
+        train_batch_size=args.train_batch_size, n=args.n, seed=args.seed, max_response_length=args.max_response_length,
+        extra_overrides=overrides(lab, name, args),
+    )
+    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
+    if not result.ok:
+        logging.warning("%s run stopped after %d steps (exit %s); keeping them. Log: %s", name, len(result.metrics),
+                        result.returncode, result.log_path)
+    sequences = args.train_batch_size * args.n
+    per_step = {}
+    for step, metrics in result.metrics.items():
+        metrics = {**metrics, TOKENS_PER_S: rollout_tokens_per_s(metrics, sequences)}
+        per_step[step] = {key: metrics[key] for key in REPORTED if metrics.get(key) is not None}
+    return {"ok": result.ok, "returncode": result.returncode, "wall_s": result.wall_s, "log": str(result.log_path),
+            "steps": per_step}
+
+
+def mean_after_warmup(r: dict, key: str, steps: list[int]) -> float | None:
+    values = [r["steps"][s][key] for s in steps if key in r["steps"][s]]
+    return statistics.fmean(values) if values else None
+
+
+def summarise(runs: dict) -> dict:
+    """Per run: means over steps 2..N; per pair: ratios of the means over the steps 2..N both runs reached."""
+    summary = {"means": {}, "ratios": {}}
+    for name, r in runs.items():
+        steps = [s for s in r["steps"] if s >= 2]
+        summary["means"][name] = {key: mean_after_warmup(r, key, steps) for key in REPORTED}
+    for name, references in REFERENCES.items():
+        for reference in references:
+            if name not in runs or reference not in runs:
+                continue
+            steps = sorted(s for s in set(runs[name]["steps"]) & set(runs[reference]["steps"]) if s >= 2)
+            ratio = {}
+            for key, label in ((TOKENS_PER_S, "rollout_tokens_per_s"), (STEP_TIME, "step_time")):
+                ours, theirs = mean_after_warmup(runs[name], key, steps), mean_after_warmup(runs[reference], key, steps)
+                ratio[label] = ours / theirs if ours is not None and theirs else None
+            summary["ratios"][f"{name}/{reference}"] = {**ratio, "steps_compared": len(steps)}
+    return summary
+
+
+def print_run(name: str, r: dict) -> None:
+    print(f"\n{name}: exit {r['returncode']}, {r['wall_s']:.0f} s wall")
+    print(f"{'step':>4} {'tok/s':>8} {'step_s':>7} {'accept':>7} {'reward':>7} {'k':>5} {'loss':>7}")
+    for step, m in sorted(r["steps"].items()):
+        k = m.get(TUNER_K, m.get(STATIC_K))
+        cells = [m.get(TOKENS_PER_S), m.get(STEP_TIME), m.get(ACCEPT_LENGTH), m.get(REWARD), k, m.get(LEARNER_LOSS)]
+        print(f"{step:>4} " + " ".join("      -" if v is None else f"{v:7.3g}" for v in cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--train-batch-size", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-response-length", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=420, help="per run (4 runs stay within 30 min)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = [n for n in args.runs.split(",") if n]
+    unknown = set(names) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"--runs has unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+
+    start = time.monotonic()
+    lab = build_lab(args.preset)
+    print(f"lab {args.preset}: {json.dumps(lab.sizes)}", flush=True)
+    report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "suffix_not_run": SUFFIX_NOT_RUN,
+              "runs": {}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
+        report["runs"][name] = run(lab, name, args)
+        report["summary"] = summarise(report["runs"])
+        report["wall_s"] = time.monotonic() - start
+        (RESULTS / "e2e.json").write_text(json.dumps(report, indent=2))
+        sizes = lab.sizes
+        draw_dashboard(
+            {n: r["steps"] for n, r in report["runs"].items()}, RESULTS / "e2e.png",
+            baseline=BASELINE if BASELINE in report["runs"] else None, tokens_per_s_key=TOKENS_PER_S,
+            title=f"lab {args.preset} (actor {sizes['actor_params'] / 1e6:.2f} M, drafter "
+                  f"{sizes['drafter_params'] / 1e6:.2f} M params): GRPO {args.train_batch_size} prompts x {args.n}, "
+                  f"k={args.num_speculative_tokens}, 2 CPU cores",
+        )
+        print_run(name, report["runs"][name])
+    print(f"\nratios of means over steps 2..{args.steps} (rollout tokens/s, RL step time):")
+    for pair, ratio in report["summary"]["ratios"].items():
+        print(f"  {pair}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items() if isinstance(v, float)))
+    print(f"wall time {report['wall_s']:.0f} s; {RESULTS / 'e2e.json'}, {RESULTS / 'e2e.png'}")
+
+
+if __name__ == "__main__":
+    main()
