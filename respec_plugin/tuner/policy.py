@@ -3,8 +3,11 @@
 Each bucket compares its candidates k = 0..k_max by tokens/s: measured where the engine ran that (bucket, k) for
 ``min_steps`` decode steps, predicted by the cost model elsewhere (optimistic guesses get measured, and corrected,
 at the next update). With no estimate for SD-off yet, a bucket keeps the configured k (the safe default): k > 0
-is chosen only where it beats SD-off's estimate. With probability ``explore`` a bucket tries a neighbouring k or
-SD-off instead, so every estimate stays fresh as the drafter and the actor change.
+is chosen only where it beats SD-off's estimate. A bucket that has run with speculation but has no SD-off estimate
+runs SD-off at the next update: that measures the anchor every k is compared with, and gives the step-time model a
+second k so it can predict the others (waiting for random exploration to do this took tens of RL steps). With
+probability ``explore`` a bucket tries a neighbouring k or SD-off instead, so every estimate stays fresh as the
+drafter and the actor change.
 """
 
 from __future__ import annotations
@@ -109,12 +112,21 @@ class Tuner:
             return self.default_k  # not calibrated: the configured k
         return max(estimates, key=lambda k: (estimates[k], -k))
 
+    def _needs_sd_off_anchor(self, bucket: int) -> bool:
+        """Ran with speculation, yet nothing measured or predicted for SD-off: the bucket cannot compare its ks."""
+        ran_speculation = any(self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] > 0
+                              for k in range(1, self.config.k_max + 1))
+        return ran_speculation and 0 not in self.goodput_estimates(bucket)
+
     def schedule(self) -> Schedule:
         """Choose k for every bucket (static mode: the configured k everywhere) and return vLLM's schedule."""
         self.version += 1
         for bucket in range(len(self.ranges)):
             if self.config.mode == "static":
                 self.choice[bucket], self.exploring[bucket] = self.default_k, False
+                continue
+            if self._needs_sd_off_anchor(bucket):
+                self.choice[bucket], self.exploring[bucket] = 0, True
                 continue
             best = self.best_k(bucket)
             explore = self.config.explore > 0 and self._rng.random() < self.config.explore

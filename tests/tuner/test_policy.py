@@ -68,11 +68,17 @@ def test_bucket_ranges():
     assert bucket_ranges((1, 4), 256) == [(1, 1), (2, 256)]
 
 
-def test_safe_default_until_calibrated():
-    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0), default_k=3, max_batch_size=256)
-    assert tuner.schedule() == [(1, 256, 3)]
-    run(tuner, 3)  # only k=3 measured, no SD-off estimate: nothing to compare against
-    assert tuner.current_schedule() == [(1, 256, 3)]
+def test_safe_default_then_one_sd_off_anchor_then_the_best_k_without_exploring():
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=8), default_k=3, max_batch_size=256)
+    assert tuner.schedule() == [(1, 256, 3)]  # nothing measured: the configured k
+    run(tuner, 1)  # only k=3 measured: no SD-off estimate to compare with, so the buckets that ran measure it
+    ran = {i for i, (start, end) in enumerate(tuner.ranges) if any(start <= b <= end for b in BATCH_SIZES)}
+    assert all((k == 0) == (bucket in ran) for bucket, k in enumerate(tuner.choice))
+    assert all(k == 3 for bucket, k in enumerate(tuner.choice) if bucket not in ran)  # never seen: the default
+    run(tuner, 3)  # two ks measured: the model predicts the rest, each choice is measured and corrected
+    for batch_size in BATCH_SIZES:
+        k = chosen_k(tuner, batch_size)
+        assert goodput(batch_size, k) >= 0.95 * goodput(batch_size, best_static_k(batch_size)), (batch_size, k)
 
 
 def test_converges_to_the_best_k_per_bucket():

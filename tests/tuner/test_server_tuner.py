@@ -1,5 +1,5 @@
 """The tuner inside the respec server as verl starts it (Ray actor, vLLM CPU, engine args through verl's CLI):
-the default k serves until calibrated, an update reports ``respec/tuner/*`` metrics, and a restored state's
+the default k serves until measured, an update reports ``respec/tuner/*`` metrics, and a restored state's
 schedule takes effect on the next requests without changing a greedy token."""
 
 import pytest
@@ -37,9 +37,14 @@ def test_tuner_serves_updates_and_restores(server, prompts):  # noqa: F811
     metrics = ray.get(server.tuner_update.remote())
     assert metrics["respec/tuner/k_mean"] == pytest.approx(DEFAULT_K)
     assert metrics["respec/tuner/explore_frac"] == 0.0
-    assert metrics["respec/tuner/k_by_bucket/1-1"] == DEFAULT_K  # one k seen: not calibrated, the default stays
-
+    # One k seen: the buckets the rollout ran measure SD-off next (the anchor to compare with), the rest keep
+    # the default.
     state = ray.get(server.tuner_state.remote())
+    ran = {bucket for bucket, k, *_ in state["measured"] if k == DEFAULT_K}
+    assert ran and all(k == (0 if bucket in ran else DEFAULT_K) for bucket, k in enumerate(state["choice"]))
+    for bucket, (start, end) in enumerate(state["ranges"]):
+        assert metrics[f"respec/tuner/k_by_bucket/{start}-{end}"] == state["choice"][bucket]
+
     for k in (K_MAX, 0):
         ray.get(server.load_tuner_state.remote({**state, "choice": [k] * len(state["choice"])}))
         outputs = _generate(server, prompts)
