@@ -25,13 +25,14 @@ from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
 logger = logging.getLogger(__name__)
 
 _V1_PACKAGE = "verl.trainer.ppo.v1"
-DASHBOARD_FILE = "respec_dashboard.png"  # written into trainer.default_local_dir at the end of a respec run
+DASHBOARD_FILE = "respec_dashboard.png"  # in trainer.default_local_dir: at the last step and every checkpoint
 
 
 class ReSpecTrainerMixin:
     """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
-    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync. At the end of
-    the run it draws the steps' respec dashboard (``respec_plugin.report``) into the checkpoint root."""
+    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync. At the last
+    step and at every checkpoint it draws the run's respec dashboard (``respec_plugin.report``) into the checkpoint
+    root."""
 
     _respec_learner = None  # respec_plugin.learner.trainer_hook.LearnerHook when the learner is on
     _respec_learner_metrics: dict = {}
@@ -83,14 +84,10 @@ class ReSpecTrainerMixin:
                 save_tuners(replicas, step_folder(self.config.trainer, global_steps))
 
         self._respec_dashboard_steps[global_steps] = {k: float(metrics[k]) for k in DASHBOARD_KEYS if k in metrics}
-
-    def fit(self, agent_loop_manager):
-        """verl 0.9.1's ``fit`` returns right after its last step without calling ``on_train_end`` (that hook runs only
-        when the epochs run out first), so the dashboard is drawn once ``fit`` returns, however the run ended."""
-        result = super().fit(agent_loop_manager)
-        if self.config.actor_rollout_ref.rollout.name == ROLLOUT_NAME:
+        # Drawn at the last step and with every checkpoint (so a killed run has one too), not in on_train_end:
+        # verl 0.9.1's fit returns after its last step without calling on_train_end.
+        if save_due(self) or global_steps >= self.total_training_steps:
             self._respec_draw_dashboard()
-        return result
 
     def _respec_draw_dashboard(self) -> None:
         """``<trainer.default_local_dir>/respec_dashboard.png`` of the steps seen; a failure to draw only warns."""
