@@ -54,7 +54,8 @@ def draw_dashboard(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    assert baseline is None or baseline in runs, f"baseline {baseline!r} is not one of the runs {sorted(runs)}"
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"baseline={baseline!r} is not one of the runs {sorted(runs)}: pass one of their names")
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ax_accept, ax_speed, ax_k, ax_loss, ax_reward, ax_step = axes.flat
     others = {name: steps for name, steps in runs.items() if name != baseline}

@@ -85,3 +85,8 @@ def test_baseline_without_throughput_leaves_the_speedup_panel_empty(tmp_path):
     dashboard = draw_dashboard(runs, tmp_path / "dash.png", baseline="vllm")
     assert png_size(dashboard.path)[0] > 0
     assert dashboard.not_recorded == ("Rollout speedup vs vllm",)
+
+
+def test_unknown_baseline_is_named(tmp_path):
+    with pytest.raises(ValueError, match="baseline='vllm'"):
+        draw_dashboard({"static": respec_steps(3, None, loss=False)}, tmp_path / "dash.png", baseline="vllm")
