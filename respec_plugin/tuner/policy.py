@@ -106,17 +106,9 @@ class Tuner:
         batch_sum = sum(self.measured[key][3] for key in self.measured if key[0] == bucket)
         return batch_sum / steps if steps > 0 else None
 
-    def best_k(self, bucket: int) -> int:
-        estimates = self.goodput_estimates(bucket)
-        if 0 not in estimates:
-            return self.default_k  # not calibrated: the configured k
-        return max(estimates, key=lambda k: (estimates[k], -k))
-
-    def _needs_sd_off_anchor(self, bucket: int) -> bool:
-        """Ran with speculation, yet nothing measured or predicted for SD-off: the bucket cannot compare its ks."""
-        ran_speculation = any(self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] > 0
-                              for k in range(1, self.config.k_max + 1))
-        return ran_speculation and 0 not in self.goodput_estimates(bucket)
+    def _ran_speculation(self, bucket: int) -> bool:
+        return any(self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] > 0
+                   for k in range(1, self.config.k_max + 1))
 
     def schedule(self) -> Schedule:
         """Choose k for every bucket (static mode: the configured k everywhere) and return vLLM's schedule."""
@@ -125,10 +117,14 @@ class Tuner:
             if self.config.mode == "static":
                 self.choice[bucket], self.exploring[bucket] = self.default_k, False
                 continue
-            if self._needs_sd_off_anchor(bucket):
-                self.choice[bucket], self.exploring[bucket] = 0, True
-                continue
-            best = self.best_k(bucket)
+            estimates = self.goodput_estimates(bucket)
+            if 0 not in estimates:
+                if self._ran_speculation(bucket):  # nothing to compare its ks with: measure SD-off, the anchor
+                    self.choice[bucket], self.exploring[bucket] = 0, True
+                    continue
+                best = self.default_k  # nothing measured: the configured k
+            else:
+                best = max(estimates, key=lambda k: (estimates[k], -k))
             explore = self.config.explore > 0 and self._rng.random() < self.config.explore
             if explore:
                 neighbours = sorted({best - 1, best + 1, 0} & set(range(self.config.k_max + 1)) - {best})
