@@ -10,6 +10,7 @@ A trainer registered after that import is not wrapped: put :class:`ReSpecTrainer
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -37,15 +38,21 @@ class ReSpecTrainerMixin:
     _respec_learner = None  # respec_plugin.learner.trainer_hook.LearnerHook when the learner is on
     _respec_learner_metrics: dict = {}
 
+    @functools.cached_property
+    def _respec(self) -> ReSpecConfig | None:
+        """The respec block, parsed once (``_load_checkpoint`` needs it before ``on_train_begin``); None when the
+        rollout is not respec."""
+        rollout = self.config.actor_rollout_ref.rollout
+        return ReSpecConfig.from_rollout_config(rollout) if rollout.name == ROLLOUT_NAME else None
+
     def on_train_begin(self):
         super().on_train_begin()
-        if self.config.actor_rollout_ref.rollout.name == ROLLOUT_NAME:
+        if self._respec is not None:
             self._respec_dashboard_steps: dict[int, dict[str, float]] = {}
-            respec = ReSpecConfig.from_rollout_config(self.config.actor_rollout_ref.rollout)
-            if respec.learner.enable:
+            if self._respec.learner.enable:
                 from respec_plugin.learner.trainer_hook import LearnerHook
 
-                self._respec_learner = LearnerHook(self, respec)
+                self._respec_learner = LearnerHook(self, self._respec)
 
     def step(self, metrics, timing_raw):
         self._respec_step_batch = super().step(metrics, timing_raw)
@@ -62,7 +69,7 @@ class ReSpecTrainerMixin:
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
-        if self.config.actor_rollout_ref.rollout.name != ROLLOUT_NAME:
+        if self._respec is None:
             return
         metrics.update(self._respec_learner_metrics)
         self._respec_learner_metrics = {}
@@ -73,7 +80,7 @@ class ReSpecTrainerMixin:
         real = [not tag.get("is_padding", False) for tag in batch.tags]
         records = [fields.get(EXTRA_KEY) for fields, keep in zip(extra_fields, real) if keep and fields]
         metrics.update(aggregate_step_metrics(records))
-        if self._respec_tuner_enabled():
+        if self._respec.tuner.enabled:
             from respec_plugin.tuner.replicas import save_tuners, update_tuners
 
             replicas = self.llm_server_manager.get_replicas()
@@ -104,15 +111,11 @@ class ReSpecTrainerMixin:
     def _load_checkpoint(self):
         super()._load_checkpoint()  # sets global_steps to the restored step (0: none); the replicas exist already
         folder = resumed_folder(self.config.trainer, self.global_steps)
-        if folder is not None and self._respec_tuner_enabled():
+        if folder is not None and self._respec is not None and self._respec.tuner.enabled:
             from respec_plugin.tuner.replicas import load_tuners
 
             if not load_tuners(self.llm_server_manager.get_replicas(), folder):
                 logger.warning("respec tuner: no saved state in %s; starting from the default k", folder)
-
-    def _respec_tuner_enabled(self) -> bool:
-        rollout = self.config.actor_rollout_ref.rollout
-        return rollout.name == ROLLOUT_NAME and ReSpecConfig.from_rollout_config(rollout).tuner.enabled
 
 
 def hook_v1_trainers() -> None:
