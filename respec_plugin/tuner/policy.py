@@ -160,6 +160,8 @@ class Tuner:
             "measured": [[bucket, k, *stats] for (bucket, k), stats in self.measured.items()],
             "choice": list(self.choice),
             "version": self.version,
+            # The exploration coin: a resumed run explores exactly as the uninterrupted one would have.
+            "rng": _jsonable(self._rng.getstate()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -174,3 +176,15 @@ class Tuner:
         self.choice = [int(k) for k in state["choice"]]
         self.exploring = [False] * len(self.ranges)
         self.version = int(state["version"])
+        if "rng" in state:  # absent in states saved before it was kept
+            self._rng.setstate(_tuples(state["rng"]))
+
+
+def _jsonable(value: Any) -> Any:
+    """``random.Random.getstate()`` (nested tuples) as nested lists."""
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tuples(value: Any) -> Any:
+    """The inverse of :func:`_jsonable`: ``setstate`` wants tuples back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -2,6 +2,8 @@
 convergence to the best k per batch bucket (deep in the long tail, off when saturated), bounded exploration,
 static mode, and a checkpoint round trip."""
 
+import json
+
 import pytest
 
 from respec_plugin.config import ReSpecConfigError, TunerConfig
@@ -135,6 +137,13 @@ def test_state_round_trip():
     assert restored.current_schedule() == tuner.current_schedule()
     for bucket in range(len(tuner.ranges)):
         assert restored.goodput_estimates(bucket) == pytest.approx(tuner.goodput_estimates(bucket))
+    # The exploration coin carries on: both explore the same buckets from here (JSON, as in the checkpoint).
+    restored.load_state_dict(json.loads(json.dumps(tuner.state_dict())))
+    for _ in range(5):
+        run(tuner, 1)
+        run(restored, 1)
+        assert restored.current_schedule() == tuner.current_schedule()
+        assert restored.exploring == tuner.exploring
 
 
 def test_config_errors_name_the_key():
