@@ -21,7 +21,7 @@ from respec_plugin import ROLLOUT_NAME
 from respec_plugin.config import ReSpecConfig
 from respec_plugin.report import DASHBOARD_KEYS, draw_dashboard
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
-from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
+from respec_plugin.verl_checkpoint import restore_folder, save_due, step_folder
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,14 @@ class ReSpecTrainerMixin:
 
     def _load_checkpoint(self):
         super()._load_checkpoint()  # sets global_steps to the restored step (0: none); the replicas exist already
-        folder = resumed_folder(self.config.trainer, self.global_steps)
-        if folder is not None and self._respec is not None and self._respec.tuner.enabled:
-            from respec_plugin.tuner.replicas import load_tuners
+        if self.global_steps < 1 or self._respec is None or not self._respec.tuner.enabled:
+            return
+        from respec_plugin.tuner.replicas import CHECKPOINT_FILE, load_tuners
 
-            if not load_tuners(self.llm_server_manager.get_replicas(), folder):
-                logger.warning("respec tuner: no saved state in %s; starting from the default k", folder)
+        folder = restore_folder(self.config.trainer, self.global_steps, CHECKPOINT_FILE)
+        if folder is None or not load_tuners(self.llm_server_manager.get_replicas(), folder):
+            logger.warning("respec tuner: no saved state in the checkpoints up to step %d; starting from the "
+                           "default k", self.global_steps)
 
 
 def hook_v1_trainers() -> None:

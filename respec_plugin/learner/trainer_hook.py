@@ -21,7 +21,7 @@ from respec_plugin.learner.features import (
 )
 from respec_plugin.learner.loop import OnlineLearner
 from respec_plugin.rollout.hotswap import drafter_versions, publish_drafter
-from respec_plugin.verl_checkpoint import resumed_folder, save_due, step_folder
+from respec_plugin.verl_checkpoint import restore_folder, save_due, step_folder, written_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ class LearnerHook:
         self.actor = ActorMirror(trainer.config.actor_rollout_ref.model.path)
         embed = self.actor.model.get_input_embeddings().weight
         # fit() has already advanced global_steps past the checkpointed step when training begins.
-        resumed = resumed_folder(trainer.config.trainer, trainer.global_steps - 1)
-        resume_dir = resumed / CHECKPOINT_SUBDIR if resumed is not None else None
-        if resume_dir is not None and resume_dir.is_dir():
+        resumed = restore_folder(trainer.config.trainer, trainer.global_steps - 1, CHECKPOINT_SUBDIR)
+        if resumed is not None:
+            resume_dir = resumed / CHECKPOINT_SUBDIR
             self.learner = OnlineLearner.restore(self.config, resume_dir, embed)
             logger.info("respec learner restored from %s: drafter v%d", resume_dir, self.learner.serving_version)
             # The engines started from drafter_path (v0): serve the restored version again.
@@ -84,5 +84,6 @@ class LearnerHook:
         which runs after verl's save, so a resume starts from the drafter the next rollout served)."""
         folder = step_folder(self.trainer.config.trainer, self.trainer.global_steps)
         if save_due(self.trainer) and folder.is_dir():
-            (folder / CHECKPOINT_SUBDIR).mkdir(exist_ok=True)
-            self.learner.save(folder / CHECKPOINT_SUBDIR)
+            with written_atomically(folder / CHECKPOINT_SUBDIR) as partial:
+                partial.mkdir()
+                self.learner.save(partial)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import ray
+
+from respec_plugin.verl_checkpoint import written_atomically
 
 CHECKPOINT_FILE = "respec_tuner.json"
 
@@ -25,8 +28,8 @@ def update_tuners(replicas) -> dict[str, float]:
 def save_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> None:
     states = ray.get([replica.engine_server.tuner_state.remote() for replica in replicas])
     os.makedirs(checkpoint_folder, exist_ok=True)
-    with open(os.path.join(checkpoint_folder, CHECKPOINT_FILE), "w") as f:
-        json.dump(states, f)
+    with written_atomically(Path(checkpoint_folder) / CHECKPOINT_FILE) as partial:
+        partial.write_text(json.dumps(states))
 
 
 def load_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> bool:
