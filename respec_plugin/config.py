@@ -57,7 +57,8 @@ class LearnerConfig:
     num_draft_steps: int = 3
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
     replay_steps: int = 2
-    # Fraction of each step's trajectories held out to compare the candidate with the serving drafter.
+    # Fraction of each step's prompt groups (at least one) held out to compare the candidate with the serving
+    # drafter; they are trained on at the next step.
     holdout_fraction: float = 0.125
     # Train and publish every N RL steps.
     every_n_steps: int = 1

@@ -1,10 +1,10 @@
 """The GRPO run the learner, tuner and resume end-to-end tests share (one pair of runs per session, fixtures
 ``killed_run`` / ``resumed_run`` in tests/conftest.py; CPU runs are minutes each, so all of them read the same two).
 
-Stock verl GRPO on the tiny lab with ``rollout.name=respec``, the online learner and the adaptive k tuner on,
-``TOTAL_STEPS`` steps with a checkpoint at ``SAVE_STEP``. The first run is SIGKILLed, whole (driver, Ray's
-cluster, vLLM engines), right after it logs step ``SAVE_STEP``; the second is the same command in the same
-experiment directory, and verl's ``trainer.resume_mode=auto`` resumes it from that checkpoint.
+Stock verl GRPO on the tiny lab with ``rollout.name=respec``, the online learner (from the day-0 drafter) and the
+adaptive k tuner on, ``TOTAL_STEPS`` steps with a checkpoint at ``SAVE_STEP``. The first run is SIGKILLed, whole
+(driver, Ray's cluster, vLLM engines), right after it logs step ``SAVE_STEP``; the second is the same command in
+the same experiment directory, and verl's ``trainer.resume_mode=auto`` resumes it from that checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ DEFAULT_K = 3
 K_MAX = 4
 # Settles k within the few steps CI can afford: explore often, trust a (bucket, k) after 2 decode steps.
 TUNER = {"mode": "adaptive", "k_max": K_MAX, "explore": 0.5, "min_steps": 2}
-# The uniform ablation: every step has trajectories to learn from whatever the rewards.
-LEARNER = {"enable": True, "steps_per_rl_step": 4, "reward_weighting": "uniform"}
+# The uniform ablation (every step has trajectories to learn from whatever the rewards), from the untrained day-0
+# drafter: a warm drafter on an actor that barely moves in 3 steps gains nothing, so its candidates would rightly
+# fail the held-out check and no version would be published.
+LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "reward_weighting": "uniform"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ def run(lab, experiment_dir: Path, log_name: str, kill_after_step: int | None = 
         max_response_length=48,
         extra_overrides=[
             *respec_overrides(
-                drafter_path=lab.drafter_dir, num_speculative_tokens=DEFAULT_K, learner=LEARNER, tuner=TUNER
+                drafter_path=lab.day0_drafter_dir, num_speculative_tokens=DEFAULT_K, learner=LEARNER, tuner=TUNER
             ),
             f"trainer.save_freq={SAVE_STEP}",
             "trainer.resume_mode=auto",

@@ -26,6 +26,12 @@ class SequenceFeatures:
     target_ids: torch.Tensor
     weight: float
 
+    def prompt_key(self) -> tuple[int, ...]:
+        """The prompt's token ids (the tokens before the first response token): GRPO's group of this sequence."""
+        response = self.loss_mask.nonzero()
+        end = int(response[0]) if response.numel() else self.token_ids.numel()
+        return tuple(self.token_ids[:end].tolist())
+
 
 @dataclass(frozen=True)
 class Minibatch:
@@ -56,6 +62,24 @@ def collate(sequences: list[SequenceFeatures]) -> Minibatch:
         loss_mask=loss_mask,
         token_weights=loss_mask * weights,
     )
+
+
+def split_held_out(sequences: list[SequenceFeatures], fraction: float
+                   ) -> tuple[list[SequenceFeatures], list[SequenceFeatures]]:
+    """(held out, training): every ``round(1 / fraction)``-th prompt group, at least one, is held out whole.
+
+    GRPO samples n responses per prompt; a held-out response whose prompt is trained on rewards memorising the
+    step's prompts, which the next rollout does not repeat. A step with a single prompt is split per sequence.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sequence in enumerate(sequences):
+        groups.setdefault(sequence.prompt_key(), []).append(i)
+    stride = max(2, round(1 / fraction))
+    if len(groups) > 1:
+        held = {i for g, members in enumerate(groups.values()) if g % stride == 0 for i in members}
+    else:
+        held = set(range(0, len(sequences), stride))
+    return [sequences[i] for i in sorted(held)], [s for i, s in enumerate(sequences) if i not in held]
 
 
 class ReplayBuffer:

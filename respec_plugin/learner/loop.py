@@ -1,9 +1,11 @@
 """The online learner: between RL steps, a bounded number of KD steps on the step's features (+ replay), a safety
 check on a held-out slice, then publication of a new drafter version; its state lives in verl's checkpoint dir.
 
-Safety: a non-finite loss, an exception, or a candidate whose held-out TV (1 - acceptance) is worse than the serving
-version's never reaches the engine. The learner then reverts to the serving weights and counts the rejected version;
-the engine keeps serving the last good version (the server also rolls back a push it cannot load).
+Safety: a non-finite loss, an exception, or a candidate whose held-out acceptance (of the greedy draft vLLM verifies)
+is below the serving version's never reaches the engine. The held-out slice is whole prompt groups, so the check
+measures the drafter on prompts it did not train on, as the next rollout will. The learner then reverts to the
+serving weights and counts the rejected version; the engine keeps serving the last good version (the server also
+rolls back a push it cannot load).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 from respec_plugin.config import LearnerConfig
 from respec_plugin.drafter.eagle3 import Eagle3Drafter, vllm_weights
 from respec_plugin.drafter.io import load_drafter, save_drafter
-from respec_plugin.learner.buffer import ReplayBuffer, SequenceFeatures, collate
-from respec_plugin.learner.objective import kd_loss, mean_tv
+from respec_plugin.learner.buffer import ReplayBuffer, SequenceFeatures, collate, split_held_out
+from respec_plugin.learner.objective import held_out_scores, kd_loss
 from respec_plugin.rollout.hotswap import PublishReport
 
 logger = logging.getLogger(__name__)
@@ -54,20 +56,24 @@ class OnlineLearner:
         self.buffer = ReplayBuffer(config.replay_steps)
         self.generator = torch.Generator().manual_seed(seed)
         self._serving_state = copy.deepcopy(drafter.state_dict())
+        # The previous step's held-out sequences: checked against then, trained on now.
+        self._held_out_last: list[SequenceFeatures] = []
 
     def step(self, sequences: list[SequenceFeatures], publish: PublishFn) -> dict[str, float]:
         """Learn from one RL step's sequences and publish the result if it is safe; returns ``respec/learner/*``."""
         start = time.perf_counter()
         metrics = {"weight_mean": sum(s.weight for s in sequences) / max(len(sequences), 1)}
-        stride = max(2, round(1 / self.config.holdout_fraction))
-        held_out = collate(sequences[::stride])
-        self.buffer.add_step([s for i, s in enumerate(sequences) if i % stride])
-        serving_tv = mean_tv(self.drafter, held_out, self.config.num_draft_steps)
+        held_out_sequences, training = split_held_out(sequences, self.config.holdout_fraction)
+        held_out = collate(held_out_sequences)
+        self.buffer.add_step(training + self._held_out_last)
+        self._held_out_last = held_out_sequences
+        serving = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
         try:
             metrics["loss"] = self._train(start)
-            candidate_tv = mean_tv(self.drafter, held_out, self.config.num_draft_steps)
-            if not math.isfinite(candidate_tv) or candidate_tv > serving_tv:
-                raise _Rejected(f"held-out TV {candidate_tv:.4f} is worse than the serving version's {serving_tv:.4f}")
+            candidate = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
+            accept, serving_accept = candidate["greedy_acceptance"], serving["greedy_acceptance"]
+            if not math.isfinite(candidate["tv"]) or not accept >= serving_accept:
+                raise _Rejected(f"held-out acceptance {accept:.4f} is below the serving version's {serving_accept:.4f}")
             self.latest_version += 1
             report = publish(vllm_weights(self.drafter), self.latest_version)
             if not report.ok:
@@ -77,11 +83,12 @@ class OnlineLearner:
             self.drafter.load_state_dict(self._serving_state)
             logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving (%s)",
                          e, self.serving_version, type(e).__name__)
-            metrics["tv"] = serving_tv
+            served = serving
         else:
             self.serving_version = self.latest_version
             self._serving_state = copy.deepcopy(self.drafter.state_dict())
-            metrics["tv"] = candidate_tv
+            served = candidate
+        metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"])
         metrics.update(time_s=time.perf_counter() - start, published_version=float(self.serving_version),
                        rejected_versions=float(self.rejected_versions))
         return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}

@@ -29,7 +29,8 @@ def kd_loss(
 
     Step j at anchor t predicts token t + j + 2 from the actor's distribution at t + j + 1 (as in
     ``drafter.distill.distillation_loss``); steps j >= 1 are teacher-forced with the true tokens. Returns the loss
-    and the mean (over steps) divergence, TV (mask-weighted, i.e. 1 - acceptance) and negative-feedback term.
+    and the mean (over steps) divergence, TV (1 - acceptance of a draft sampled from q), greedy acceptance
+    p(argmax q) and negative-feedback term, mask-weighted (reward-agnostic).
     """
     predicted = batch.loss_mask.sum(0).nonzero()
     first_anchor = max(0, int(predicted[0]) - 2) if predicted.numel() else 0
@@ -37,7 +38,7 @@ def kd_loss(
     steps = drafter.unroll(batch.input_ids, batch.aux_hidden_states, num_draft_steps, step_input_ids=teacher_ids,
                            first_anchor=first_anchor)
     loss = torch.zeros(())
-    totals = {"divergence": 0.0, "tv": 0.0, "negative_feedback": 0.0}
+    totals = {"divergence": 0.0, "tv": 0.0, "greedy_acceptance": 0.0, "negative_feedback": 0.0}
     for j, logits in enumerate(steps.logits):
         target = batch.target.map(lambda x: _shift_left(x, j + 1)[:, first_anchor:])
         weights = _shift_left(batch.token_weights, j + 2)[:, first_anchor:]
@@ -50,6 +51,7 @@ def kd_loss(
             drafted = logits.argmax(-1)
             rejected = (drafter.draft_token_ids[drafted] != emitted).float()
             tv = total_variation(target, draft_logprobs)
+            greedy_acceptance = (target.probs * (target.ids == drafted[..., None])).sum(-1)
         if negative_feedback_coef > 0:
             feedback = negative_feedback(target, draft_logprobs, drafted) * rejected
             per_token = per_token + negative_feedback_coef * feedback
@@ -57,11 +59,13 @@ def kd_loss(
         loss = loss + (per_token * weights).sum() / weights.sum().clamp_min(1e-6)
         totals["divergence"] += float((per_token_divergence.detach() * mask).sum() / mask.sum().clamp_min(1e-6))
         totals["tv"] += float((tv * mask).sum() / mask.sum().clamp_min(1e-6))
+        totals["greedy_acceptance"] += float((greedy_acceptance * mask).sum() / mask.sum().clamp_min(1e-6))
     return loss, {name: value / num_draft_steps for name, value in totals.items()}
 
 
 @torch.no_grad()
-def mean_tv(drafter: Eagle3Drafter, batch: Minibatch, num_draft_steps: int) -> float:
-    """Mean TV over draft steps and response tokens (1 - predicted acceptance per position), reward-agnostic."""
+def held_out_scores(drafter: Eagle3Drafter, batch: Minibatch, num_draft_steps: int) -> dict[str, float]:
+    """Mean over draft steps and response tokens of TV and of the greedy acceptance p(argmax q): vLLM drafts the
+    argmax and verifies it as one-hot by default (``draft_sample_method="greedy"``), so that is what it accepts."""
     _, stats = kd_loss(drafter, batch, divergence="tv", negative_feedback_coef=0.0, num_draft_steps=num_draft_steps)
-    return stats["tv"]
+    return stats

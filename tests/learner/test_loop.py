@@ -72,6 +72,24 @@ def test_learner_raises_acceptance_and_publishes_versions(tiny_lab, lab_step):
     assert 1 - tvs[-1] > 0.2, tvs
 
 
+def test_a_candidate_worse_on_held_out_prompts_is_not_published(tiny_lab, lab_step):
+    """A warm drafter on its own actor's rollouts has little to gain; an aggressive learning rate overfits the
+    step's prompts, and the held-out prompts show it."""
+    actor, trajectories = lab_step
+    drafter, version = load_drafter(tiny_lab.drafter_dir, actor.get_input_embeddings().weight)
+    serving = {name: t.clone() for name, t in drafter.state_dict().items()}
+    config = LearnerConfig(enable=True, steps_per_rl_step=12, learning_rate=5e-2, reward_weighting="uniform")
+    learner = OnlineLearner(config, drafter, version)
+    sequences = step_features(actor, learner.drafter, trajectories, top_k=config.top_k,
+                              reward_weighting=config.reward_weighting, weight_floor=config.weight_floor)
+    publish = _Publisher()
+    metrics = learner.step(sequences, publish)
+    assert publish.versions == [] and metrics["respec/learner/rejected_versions"] == 1
+    assert metrics["respec/learner/published_version"] == version
+    assert all(torch.equal(serving[name], t) for name, t in learner.drafter.state_dict().items())
+    assert 0.0 < metrics["respec/learner/held_out_acceptance"] <= 1.0
+
+
 def test_bad_candidates_are_not_published_and_state_round_trips(tiny_lab, lab_step, tmp_path):
     actor, trajectories = lab_step
     learner, config = _learner(tiny_lab, actor, reward_weighting="uniform")
