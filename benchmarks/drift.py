@@ -6,7 +6,7 @@ plus the day-0 run (learning from an untrained drafter) and optionally stock vLL
 Every run is stock verl GRPO from the same lab, seed and sizes; only the respec block differs. Acceptance length is
 respec's own per-step metric (tokens per verify step, bonus token included), reward is verl's ``critic/score/mean``.
 The actor learning rate is raised (``--actor-lr``) so the tiny actor drifts within a few dozen steps. Writes
-``benchmarks/results/drift.json`` and ``drift.png``.
+``benchmarks/results/drift.json`` and ``drift.png`` (``--name`` changes the stem).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def overrides(lab, name: str, args) -> list[str]:
     weighting = {"online_kd": "uniform", "online_rwkd": "reward", "day0": args.day0_weighting}.get(name)
     learner = {} if weighting is None else {
         "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
-                    "learning_rate": args.learner_lr}
+                    "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
@@ -77,9 +77,9 @@ def summarise(name: str, r: dict) -> dict:
     out = {"steps_run": len(r["steps"]), "reward_mean_last_10": statistics.fmean(r["reward"][-10:])}
     accept = r["accept_length"]
     if accept and accept[0] is not None:
-        out.update(accept_length_step_1=accept[0], accept_length_last=accept[-1],
-                   accept_length_mean_last_5=statistics.fmean(accept[-5:]),
-                   min_over_step_1=min(accept) / accept[0])
+        last_10 = statistics.fmean(accept[-10:])
+        out.update(accept_length_step_1=accept[0], accept_length_last=accept[-1], accept_length_mean_last_10=last_10,
+                   last_10_over_step_1=last_10 / accept[0], min_over_step_1=min(accept) / accept[0])
     if r["learner_time_s"][0] is not None:
         out["learner_time_fraction_of_step"] = statistics.fmean(
             t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
@@ -122,9 +122,11 @@ def main() -> None:
     parser.add_argument("--actor-lr", type=float, default=5e-4)
     parser.add_argument("--learner-steps", type=int, default=8, help="drafter optimizer steps per RL step")
     parser.add_argument("--learner-lr", type=float, default=2e-3, help="drafter AdamW learning rate")
+    parser.add_argument("--learner-replay-steps", type=int, default=6, help="RL steps of trajectories trained on")
     parser.add_argument("--day0-weighting", default="uniform", choices=("uniform", "reward", "advantage"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--name", default="drift", help="results file stem: benchmarks/results/NAME.json and .png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n for n in args.runs.split(",") if n]
@@ -138,8 +140,8 @@ def main() -> None:
     for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
         report["runs"][name] = run(lab, name, args)
         report["summary"][name] = summarise(name, report["runs"][name])
-        (RESULTS / "drift.json").write_text(json.dumps(report, indent=2))
-        plot(report, RESULTS / "drift.png")
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+        plot(report, RESULTS / f"{args.name}.png")
         print(name, json.dumps(report["summary"][name]), flush=True)
 
 
