@@ -62,6 +62,10 @@ class LearnerConfig:
     holdout_fraction: float = 0.125
     # Train and publish every N RL steps.
     every_n_steps: int = 1
+    # Also score the drafter the run started from (drafter_path) on each step's held-out prompts
+    # (respec/learner/held_out_acceptance_initial): what learning gained, on the same rollouts. Keeps a second copy
+    # of the drafter in the driver.
+    compare_with_initial: bool = False
 
     def __post_init__(self):
         def bad(key: str, value: Any, fix: str) -> ReSpecConfigError:

@@ -45,9 +45,12 @@ class OnlineLearner:
     started from); ``latest_version`` the highest number handed out, so a rejected number is never reused.
     """
 
-    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, serving_version: int, seed: int = 0):
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, serving_version: int, seed: int = 0,
+                 initial: Eagle3Drafter | None = None):
         self.config = config
         self.drafter = drafter
+        # The drafter the run started from, scored beside the serving one (``config.compare_with_initial``).
+        self.initial = initial
         self.serving_version = serving_version
         self.latest_version = serving_version
         self.rejected_versions = 0
@@ -89,6 +92,9 @@ class OnlineLearner:
             self._serving_state = copy.deepcopy(self.drafter.state_dict())
             served = candidate
         metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"])
+        if self.initial is not None:
+            metrics["held_out_acceptance_initial"] = held_out_scores(
+                self.initial, held_out, self.config.num_draft_steps)["greedy_acceptance"]
         metrics.update(time_s=time.perf_counter() - start, published_version=float(self.serving_version),
                        rejected_versions=float(self.rejected_versions))
         return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}
@@ -130,11 +136,12 @@ class OnlineLearner:
         (directory / SUMMARY_FILE).write_text(json.dumps(self.buffer.summary(), indent=2))
 
     @classmethod
-    def restore(cls, config: LearnerConfig, directory: str | Path, embed_tokens: torch.Tensor) -> "OnlineLearner":
+    def restore(cls, config: LearnerConfig, directory: str | Path, embed_tokens: torch.Tensor,
+                initial: Eagle3Drafter | None = None) -> "OnlineLearner":
         """The learner saved by :meth:`save` (its buffer starts empty: only its summary is saved)."""
         directory = Path(directory)
         drafter, version = load_drafter(directory / DRAFTER_DIR, embed_tokens)
-        learner = cls(config, drafter, version)
+        learner = cls(config, drafter, version, initial=initial)
         state = torch.load(directory / STATE_FILE, weights_only=False)
         learner.optimizer.load_state_dict(state["optimizer"])
         learner.latest_version = state["latest_version"]

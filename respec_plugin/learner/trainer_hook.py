@@ -38,10 +38,11 @@ class LearnerHook:
         self.actor = ActorMirror(trainer.config.actor_rollout_ref.model.path)
         embed = self.actor.model.get_input_embeddings().weight
         # fit() has already advanced global_steps past the checkpointed step when training begins.
+        initial = load_drafter(respec.drafter_path, embed)[0] if self.config.compare_with_initial else None
         resumed = restore_folder(trainer.config.trainer, trainer.global_steps - 1, CHECKPOINT_SUBDIR)
         if resumed is not None:
             resume_dir = resumed / CHECKPOINT_SUBDIR
-            self.learner = OnlineLearner.restore(self.config, resume_dir, embed)
+            self.learner = OnlineLearner.restore(self.config, resume_dir, embed, initial=initial)
             logger.info("respec learner restored from %s: drafter v%d", resume_dir, self.learner.serving_version)
             # The engines started from drafter_path (v0): serve the restored version again.
             report = self._publish(vllm_weights(self.learner.drafter), self.learner.serving_version)
@@ -51,7 +52,8 @@ class LearnerHook:
             drafter, _ = load_drafter(respec.drafter_path, embed)
             # Number versions after what the engines serve (they load drafter_path as v0, whatever its config says).
             serving = max(drafter_versions(trainer.llm_server_manager.get_replicas()))
-            self.learner = OnlineLearner(self.config, drafter, serving, seed=trainer.config.data.get("seed", 0) or 0)
+            self.learner = OnlineLearner(self.config, drafter, serving, seed=trainer.config.data.get("seed", 0) or 0,
+                                         initial=initial)
 
     def _publish(self, weights, version: int):
         return publish_drafter(self.trainer.llm_server_manager.get_replicas(), weights, version)
@@ -63,7 +65,9 @@ class LearnerHook:
         start = time.perf_counter()
         try:
             self.actor.load(fetch_actor_state_dict(self.trainer.actor_rollout_wg))
-            self.learner.drafter.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
+            for drafter in (self.learner.drafter, self.learner.initial):
+                if drafter is not None:
+                    drafter.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
             trajectories = trajectories_from_transfer_queue(batch)
             sequences = step_features(self.actor.model, self.learner.drafter, trajectories, top_k=self.config.top_k,
                                       reward_weighting=self.config.reward_weighting,

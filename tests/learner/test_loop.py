@@ -1,6 +1,7 @@
 """The online learner on the tiny lab's actor, without verl: it raises acceptance of a day-0 drafter on fixed actor
 outputs and publishes numbered versions; a bad candidate never reaches the publisher; its state round-trips."""
 
+import copy
 import math
 
 import pytest
@@ -57,6 +58,7 @@ def _learner(tiny_lab, actor, **overrides):
 def test_learner_raises_acceptance_and_publishes_versions(tiny_lab, lab_step):
     actor, trajectories = lab_step
     learner, config = _learner(tiny_lab, actor)
+    learner.initial = copy.deepcopy(learner.drafter)  # compare_with_initial: the day-0 drafter, scored alongside
     publish = _Publisher()
     tvs = []
     for _ in range(3):
@@ -70,6 +72,7 @@ def test_learner_raises_acceptance_and_publishes_versions(tiny_lab, lab_step):
     assert metrics["respec/learner/published_version"] == 3 and metrics["respec/learner/rejected_versions"] == 0
     # Day-0 held-out acceptance (1 - TV) is ~0.03; a few steps of KD raise it well above that.
     assert 1 - tvs[-1] > 0.2, tvs
+    assert metrics["respec/learner/held_out_acceptance"] > 2 * metrics["respec/learner/held_out_acceptance_initial"]
 
 
 def test_a_candidate_worse_on_held_out_prompts_is_not_published(tiny_lab, lab_step):
