@@ -34,7 +34,8 @@ def overrides(lab, name: str, args) -> list[str]:
     weighting = {"online_kd": "uniform", "online_rwkd": "reward", "day0": args.day0_weighting}.get(name)
     learner = {} if weighting is None else {
         "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
-                    "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps}
+                    "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps,
+                    "compare_with_initial": True}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
@@ -70,6 +71,8 @@ def run(lab, name: str, args) -> dict:
         "published_version": series("respec/learner/published_version"),
         "rejected_versions": series("respec/learner/rejected_versions"),
         "drafter_version": series("respec/drafter_version"),
+        "held_out_acceptance": series("respec/learner/held_out_acceptance"),
+        "held_out_acceptance_initial": series("respec/learner/held_out_acceptance_initial"),
     }
 
 
@@ -80,6 +83,10 @@ def summarise(name: str, r: dict) -> dict:
         last_10 = statistics.fmean(accept[-10:])
         out.update(accept_length_step_1=accept[0], accept_length_last=accept[-1], accept_length_mean_last_10=last_10,
                    last_10_over_step_1=last_10 / accept[0], min_over_step_1=min(accept) / accept[0])
+    if r.get("held_out_acceptance_initial") and r["held_out_acceptance_initial"][0] is not None:
+        # Paired, on the same held-out prompts of the same run: the serving drafter vs the one the run started from.
+        out["held_out_acceptance_mean_last_10"] = statistics.fmean(r["held_out_acceptance"][-10:])
+        out["held_out_acceptance_initial_mean_last_10"] = statistics.fmean(r["held_out_acceptance_initial"][-10:])
     if r["learner_time_s"][0] is not None:
         out["learner_time_fraction_of_step"] = statistics.fmean(
             t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
@@ -95,7 +102,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_accept, ax_reward) = plt.subplots(1, 2, figsize=(12, 4))
+    paired = {name: r for name, r in report["runs"].items() if (r.get("held_out_acceptance_initial") or [None])[0]}
+    fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4))
+    ax_accept, ax_reward = axes[0], axes[1]
     for name, r in report["runs"].items():
         if r["accept_length"][0] is not None:
             ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=name)
@@ -104,6 +113,15 @@ def plot(report: dict, path: Path) -> None:
     ax_reward.set(xlabel="GRPO step", ylabel="mean reward", title="Reward per step")
     ax_accept.legend()
     ax_reward.legend()
+    if paired:
+        ax_paired = axes[2]
+        for name, r in paired.items():
+            line, = ax_paired.plot(r["steps"], r["held_out_acceptance"], marker="o", markersize=3, label=name)
+            ax_paired.plot(r["steps"], r["held_out_acceptance_initial"], linestyle="--", color=line.get_color(),
+                           label=f"{name}: initial drafter")
+        ax_paired.set(xlabel="GRPO step", ylabel="p(greedy draft) per position",
+                      title="Same held-out prompts: serving vs initial drafter")
+        ax_paired.legend(fontsize=7)
     fig.suptitle(f"lab {report['preset']}: drafter drift, k={report['config']['num_speculative_tokens']}, "
                  f"actor lr {report['config']['actor_lr']}")
     fig.tight_layout()
