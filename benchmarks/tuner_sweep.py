@@ -6,12 +6,16 @@
    configuration generates the same tokens), generated tokens / wall seconds for SD-off (a plain vLLM engine),
    static k in {1, 2, 3, 4, 6}, and the tuner. Static k and the tuner run on one EAGLE-3 engine with
    k_max = 6 and respec's scheduler: static k is the one-entry schedule [(1, max, k)] installed through the
-   tuner's channel, exactly as the tuner installs its own.
+   tuner's channel, exactly as the tuner installs its own. ``k=0`` on that engine is measured too: SD-off
+   there still runs the drafter's first forward (to keep its KV cache in sync), which the plain engine does not.
 2. Long-tail rollout: many requests whose lengths spread over a wide range, all submitted at once, so the
    batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
 The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
 its current schedule, exploring as configured, with one update per round (as between RL steps); it is then
-measured with its greedy schedule. Writes benchmarks/results/tuner_sweep.json and .png.
+measured with its greedy schedule. Both engines stay up and the configurations are measured interleaved,
+``--repeats`` times in random order, keeping the median (a 2-core machine drifts by ~20% over minutes, so
+measuring one configuration after the other compares the machine's moods). Writes
+benchmarks/results/tuner_sweep.json (medians and every sample) and .png.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import argparse
 import gc
 import json
 import logging
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -125,42 +131,28 @@ def run(args) -> dict:
     problems = read_problems(lab.val_parquet)
     prompts = [chat_prompt_ids(tokenizer, problems[i % len(problems)].question) for i in range(MAX_NUM_SEQS)]
     workloads = Workloads(prompts, args)
-    report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "sweep": {}, "long_tail": {}}
+    report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args)}
 
-    # SD-off: a plain vLLM engine.
-    llm = engine(lab, None)
-    generate(llm, prompts[:4], [8] * 4)  # warm-up
-    report["sweep"]["sd_off"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
-    tokens, seconds, _ = generate(llm, *workloads.long_tail())
-    report["long_tail"]["sd_off"] = {"tokens_per_s": tokens / seconds}
-    shutdown(llm)
-    save_partial(report)
-
+    # Both engines stay up for the whole run, so every configuration is measured under the same conditions.
+    plain = engine(lab, None)
+    generate(plain, prompts[:4], [8] * 4)  # warm-up
     control_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-")
     write_schedule(control_dir, [(1, 1, K_MAX)], 0)
-    llm = engine(lab, control_dir)
-    generate(llm, prompts[:4], [8] * 4)
-    version = 1
-    for k in STATIC_KS:
-        install(control_dir, [(1, MAX_NUM_SEQS, k)], version)
-        version += 1
-        report["sweep"][f"k={k}"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
-        tokens, seconds, _ = generate(llm, *workloads.long_tail())
-        report["long_tail"][f"k={k}"] = {"tokens_per_s": tokens / seconds}
-        save_partial(report)
+    speculative = engine(lab, control_dir)
+    generate(speculative, prompts[:4], [8] * 4)
 
     # The tuner: calibration rounds (its own runs only), then measured with its greedy schedule.
     config = TunerConfig(mode="adaptive", k_max=K_MAX, explore=args.explore, min_steps=args.min_steps)
     tuner = Tuner(config, default_k=args.default_k, max_batch_size=MAX_NUM_SEQS, seed=args.seed)
-    tuner.version = version
+    tuner.version = 1
     calibration = []
     for round_index in range(args.calibration_rounds):
         install(control_dir, tuner.current_schedule(), tuner.version)
         records, speeds = [], {}
         for b in BATCH_SIZES:
-            speeds[str(b)], r = measure_sweep(llm, workloads, b)
+            speeds[str(b)], r = measure_sweep(speculative, workloads, b)
             records += r
-        tokens, seconds, r = generate(llm, *workloads.long_tail())
+        tokens, seconds, r = generate(speculative, *workloads.long_tail())
         speeds["long_tail"] = tokens / seconds
         metrics = tuner.observe(take_steps(control_dir), records + r)
         calibration.append({"round": round_index, "schedule": tuner.current_schedule(), "tokens_per_s": speeds,
@@ -171,16 +163,42 @@ def run(args) -> dict:
     greedy = Tuner(TunerConfig(mode="adaptive", k_max=K_MAX, explore=0.0, min_steps=args.min_steps),
                    default_k=args.default_k, max_batch_size=MAX_NUM_SEQS)
     greedy.load_state_dict(tuner.state_dict())
-    schedule = greedy.schedule()
-    install(control_dir, schedule, greedy.version)
-    report["sweep"]["tuner"] = {str(b): measure_sweep(llm, workloads, b)[0] for b in BATCH_SIZES}
-    take_steps(control_dir)
-    tokens, seconds, _ = generate(llm, *workloads.long_tail())
-    trace = take_steps(control_dir)
-    report["long_tail"]["tuner"] = {"tokens_per_s": tokens / seconds}
-    shutdown(llm)
+    tuner_schedule = greedy.schedule()
 
-    report["tuner"] = {"schedule": schedule, "calibration": calibration, "state": greedy.state_dict(),
+    # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved:
+    # each repeat measures every configuration once, in a fresh random order (a configuration measured right after
+    # the same neighbour every time ran ~10% slower than the same k measured elsewhere), keeping the median.
+    # "k=0" is SD-off inside the EAGLE-3 engine: what the tuner's k = 0 costs against the plain engine.
+    schedules = {"sd_off": None, **{f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in (0, *STATIC_KS)},
+                 "tuner": tuner_schedule}
+    names = list(schedules)
+    samples: dict = {name: {"sweep": {str(b): [] for b in BATCH_SIZES}, "long_tail": []} for name in names}
+    version = greedy.version
+    trace = []
+    order = random.Random(args.seed)
+    for repeat in range(args.repeats):
+        for name in order.sample(names, len(names)):
+            llm = plain if schedules[name] is None else speculative
+            if schedules[name] is not None:
+                version += 1
+                install(control_dir, schedules[name], version)
+            for b in BATCH_SIZES:
+                samples[name]["sweep"][str(b)].append(measure_sweep(llm, workloads, b)[0])
+            if schedules[name] is not None:
+                take_steps(control_dir)
+            tokens, seconds, _ = generate(llm, *workloads.long_tail())
+            samples[name]["long_tail"].append(tokens / seconds)
+            if name == "tuner":
+                trace = take_steps(control_dir)
+        save_partial({**report, "calibration": calibration, "samples": samples})
+        logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
+    shutdown(speculative)
+    shutdown(plain)
+
+    report["samples"] = samples
+    report["sweep"] = {name: {b: statistics.median(v) for b, v in samples[name]["sweep"].items()} for name in names}
+    report["long_tail"] = {name: {"tokens_per_s": statistics.median(samples[name]["long_tail"])} for name in names}
+    report["tuner"] = {"schedule": tuner_schedule, "calibration": calibration, "state": greedy.state_dict(),
                        "long_tail_trace": [{"t": s.end_time - trace[0].end_time, "batch_size": s.batch_size, "k": s.k}
                                            for s in trace]}
     report["ratios"] = ratios(report)
@@ -195,7 +213,8 @@ def ratios(report: dict) -> dict:
         best = max(static, key=lambda name: sweep[name][b])
         out["by_batch"][b] = {"best_static": best, "tuner_vs_best_static": sweep["tuner"][b] / sweep[best][b],
                               "tuner_vs_sd_off": sweep["tuner"][b] / sweep["sd_off"][b],
-                              "best_static_vs_sd_off": sweep[best][b] / sweep["sd_off"][b]}
+                              "best_static_vs_sd_off": sweep[best][b] / sweep["sd_off"][b],
+                              "k0_in_eagle_engine_vs_sd_off": sweep["k=0"][b] / sweep["sd_off"][b]}
     best_tail = max(static, key=lambda name: tail[name]["tokens_per_s"])
     out["long_tail"] = {"best_static": best_tail,
                         "tuner_vs_best_static": tail["tuner"]["tokens_per_s"] / tail[best_tail]["tokens_per_s"],
@@ -210,7 +229,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_sweep, ax_trace) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = ["sd_off", *[f"k={k}" for k in STATIC_KS], "tuner"]
+    names = ["sd_off", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         base = [report["sweep"]["sd_off"][str(b)] for b in BATCH_SIZES]
@@ -249,6 +268,7 @@ def main() -> None:
     parser.add_argument("--explore", type=float, default=0.1)
     parser.add_argument("--min-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved measurements per configuration (median)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
