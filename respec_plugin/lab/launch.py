@@ -232,13 +232,7 @@ def _kill_after_step(process: subprocess.Popen[bytes], log_path: Path, step: int
     while process.poll() is None:
         if step in parse_console_metrics(log_path.read_text(errors="replace")):
             logger.info("pid %d logged step %d; killing its session", process.pid, step)
-            # Ray gives each actor its own process group, but all stay in the session start_new_session opened.
-            # Sweep until none is left: a process may fork between the listing and its parent's death.
-            while (session := _session_pids(process.pid)) and time.monotonic() < deadline:
-                for pid in session:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.5)
+            _kill_session(process.pid, deadline)
             break
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(process.args, timeout_s)
@@ -264,16 +258,26 @@ def _session_pids(session_id: int) -> list[int]:
 
 
 def _stop_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the run's process group, then SIGKILL whatever of its session outlives ``grace_s``: the parent
+    exiting does not mean its children have (vLLM engines still holding memory when the next run starts)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while _session_pids(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _kill_session(process.pid, time.monotonic() + grace_s)
+    process.wait()
+
+
+def _kill_session(session_id: int, deadline: float) -> None:
+    """SIGKILL every live process of the session until none is left, or ``deadline``. Ray gives each actor its
+    own process group, but all stay in the session ``start_new_session`` opened; a process may fork between the
+    listing and its parent's death, hence the sweep."""
+    while (session := _session_pids(session_id)) and time.monotonic() < deadline:
+        for pid in session:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
