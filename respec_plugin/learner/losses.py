@@ -48,12 +48,17 @@ def total_variation(target: TopKTarget, draft_logprobs: torch.Tensor) -> torch.T
     return 0.5 * ((target.probs - q).abs().sum(-1) + (1.0 - q.sum(-1)).clamp_min(0.0))
 
 
+def target_probability(target: TopKTarget, ids: torch.Tensor) -> torch.Tensor:
+    """p(d) per token at draft-vocabulary index d ([...]), 0 outside the top k. At the drafter's argmax it is the
+    probability that vLLM accepts that greedy draft."""
+    return (target.probs * (target.ids == ids[..., None])).sum(-1)
+
+
 def negative_feedback(target: TopKTarget, draft_logprobs: torch.Tensor, rejected_ids: torch.Tensor) -> torch.Tensor:
     """max(0, q(d) - p(d)) per token at the rejected draft token d (draft-vocabulary index, [...]): pushes q down at
     tokens the verifier rejected only where the drafter over-proposes them (q > p); 0 where q <= p already."""
     q = draft_logprobs.gather(-1, rejected_ids[..., None]).squeeze(-1).exp()
-    p = (target.probs * (target.ids == rejected_ids[..., None])).sum(-1)
-    return (q - p).clamp_min(0.0)
+    return (q - target_probability(target, rejected_ids)).clamp_min(0.0)
 
 
 DIVERGENCES = {"forward_kl": forward_kl, "tv": total_variation}

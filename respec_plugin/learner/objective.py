@@ -14,7 +14,7 @@ import torch
 
 from respec_plugin.drafter.eagle3 import Eagle3Drafter
 from respec_plugin.learner.buffer import Minibatch
-from respec_plugin.learner.losses import DIVERGENCES, negative_feedback, total_variation
+from respec_plugin.learner.losses import DIVERGENCES, negative_feedback, target_probability, total_variation
 
 
 def _shift_left(x: torch.Tensor, by: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def kd_loss(
             drafted = logits.argmax(-1)
             rejected = (drafter.draft_token_ids[drafted] != emitted).float()
             tv = total_variation(target, draft_logprobs)
-            greedy_acceptance = (target.probs * (target.ids == drafted[..., None])).sum(-1)
+            greedy_acceptance = target_probability(target, drafted)
         if negative_feedback_coef > 0:
             feedback = negative_feedback(target, draft_logprobs, drafted) * rejected
             per_token = per_token + negative_feedback_coef * feedback
