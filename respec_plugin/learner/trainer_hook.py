@@ -7,6 +7,7 @@ group, replicas and step counter, so the mixin stays a thin hook list.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -37,8 +38,8 @@ class LearnerHook:
         self.trainer = trainer
         self.actor = ActorMirror(trainer.config.actor_rollout_ref.model.path)
         embed = self.actor.model.get_input_embeddings().weight
-        # fit() has already advanced global_steps past the checkpointed step when training begins.
         initial = load_drafter(respec.drafter_path, embed)[0] if self.config.compare_with_initial else None
+        # fit() has already advanced global_steps past the checkpointed step when training begins.
         resumed = restore_folder(trainer.config.trainer, trainer.global_steps - 1, CHECKPOINT_SUBDIR)
         if resumed is not None:
             resume_dir = resumed / CHECKPOINT_SUBDIR
@@ -49,7 +50,7 @@ class LearnerHook:
             if not report.ok:
                 raise RuntimeError(f"restored drafter v{report.version} was refused by the engine: {report.errors}")
         else:
-            drafter, _ = load_drafter(respec.drafter_path, embed)
+            drafter = copy.deepcopy(initial) if initial is not None else load_drafter(respec.drafter_path, embed)[0]
             # Number versions after what the engines serve (they load drafter_path as v0, whatever its config says).
             serving = max(drafter_versions(trainer.llm_server_manager.get_replicas()))
             self.learner = OnlineLearner(self.config, drafter, serving, seed=trainer.config.data.get("seed", 0) or 0,
