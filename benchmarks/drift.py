@@ -22,7 +22,8 @@ from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-RUNS = ("static", "online_kd", "online_rwkd", "day0", "vllm")
+# online_kd_stale: the ablation of learner.refresh_replay (replayed steps keep the targets of their own actor).
+RUNS = ("static", "online_kd", "online_rwkd", "online_kd_stale", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -31,11 +32,12 @@ def overrides(lab, name: str, args) -> list[str]:
     if name == "vllm":
         return []
     drafter = lab.day0_drafter_dir if name == "day0" else lab.drafter_dir
-    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "day0": args.day0_weighting}.get(name)
+    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "online_kd_stale": "uniform",
+                 "day0": args.day0_weighting}.get(name)
     learner = {} if weighting is None else {
         "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
                     "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps,
-                    "compare_with_initial": True}
+                    "refresh_replay": name != "online_kd_stale", "compare_with_initial": True}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
@@ -73,6 +75,7 @@ def run(lab, name: str, args) -> dict:
         "drafter_version": series("respec/drafter_version"),
         "held_out_acceptance": series("respec/learner/held_out_acceptance"),
         "held_out_acceptance_initial": series("respec/learner/held_out_acceptance_initial"),
+        "held_out_acceptance_ceiling": series("respec/learner/held_out_acceptance_ceiling"),
     }
 
 
@@ -87,6 +90,11 @@ def summarise(name: str, r: dict) -> dict:
         # Paired, on the same held-out prompts of the same run: the serving drafter vs the one the run started from.
         out["held_out_acceptance_mean_last_10"] = statistics.fmean(r["held_out_acceptance"][-10:])
         out["held_out_acceptance_initial_mean_last_10"] = statistics.fmean(r["held_out_acceptance_initial"][-10:])
+        # A drafter equal to the actor: how much of the fall the actor itself causes (its entropy), on the same prompts.
+        ceiling = r["held_out_acceptance_ceiling"]
+        out["held_out_acceptance_ceiling_first_3"] = statistics.fmean(ceiling[:3])
+        out["held_out_acceptance_ceiling_mean_last_10"] = statistics.fmean(ceiling[-10:])
+        out["held_out_acceptance_first_3"] = statistics.fmean(r["held_out_acceptance"][:3])
     if r["learner_time_s"][0] is not None:
         out["learner_time_fraction_of_step"] = statistics.fmean(
             t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
@@ -119,6 +127,8 @@ def plot(report: dict, path: Path) -> None:
             line, = ax_paired.plot(r["steps"], r["held_out_acceptance"], marker="o", markersize=3, label=name)
             ax_paired.plot(r["steps"], r["held_out_acceptance_initial"], linestyle="--", color=line.get_color(),
                            label=f"{name}: initial drafter")
+            ax_paired.plot(r["steps"], r["held_out_acceptance_ceiling"], linestyle=":", color=line.get_color(),
+                           label=f"{name}: ceiling (drafter = actor)")
         ax_paired.set(xlabel="GRPO step", ylabel="p(greedy draft) per position",
                       title="Same held-out prompts: serving vs initial drafter")
         ax_paired.legend(fontsize=7)

@@ -7,6 +7,7 @@ smoothing over one step's few rollouts. Features are kept per sequence, unpadded
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,11 @@ class ReplayBuffer:
 
     def add_step(self, sequences: list[SequenceFeatures]) -> None:
         self.steps.append(list(sequences))
+
+    def refresh(self, recompute: Callable[[list[SequenceFeatures]], list[SequenceFeatures]]) -> None:
+        """Replace every stored sequence by ``recompute``'s version of it (one call over the whole window)."""
+        refreshed = iter(recompute(self.sequences))
+        self.steps = deque(([next(refreshed) for _ in step] for step in self.steps), maxlen=self.steps.maxlen)
 
     @property
     def sequences(self) -> list[SequenceFeatures]:

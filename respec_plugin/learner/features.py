@@ -12,7 +12,8 @@ step and a forward on CPU, fine for the lab's actor (a real-size actor would reu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,7 +99,6 @@ class ActorMirror:
             raise RuntimeError(f"actor weights do not fit the HF actor: missing {missing}, unexpected {unexpected}")
 
 
-@torch.no_grad()
 def step_features(
     actor, drafter: Eagle3Drafter, trajectories: Trajectories, *, top_k: int, reward_weighting: str,
     weight_floor: float, chunk_size: int = 16,
@@ -107,8 +107,36 @@ def step_features(
     response mask over the whole sequence and the trajectory weight (reward, advantage or uniform)."""
     weights = trajectory_weights(trajectories.rewards, trajectories.advantages, reward_weighting, weight_floor)
     sequences: list[SequenceFeatures] = []
-    for start in range(0, len(trajectories.token_ids), chunk_size):
-        rows = trajectories.token_ids[start : start + chunk_size]
+    targets = _actor_targets(actor, drafter, trajectories.token_ids, top_k, chunk_size)
+    for index, (token_ids, (aux, probs, ids)) in enumerate(zip(trajectories.token_ids, targets)):
+        length, prompt_length = token_ids.numel(), trajectories.prompt_lengths[index]
+        loss_mask = torch.zeros(length)
+        loss_mask[prompt_length:] = trajectories.response_masks[index][: length - prompt_length]
+        sequences.append(SequenceFeatures(token_ids=token_ids, loss_mask=loss_mask, aux_hidden_states=aux,
+                                          target_probs=probs, target_ids=ids, weight=float(weights[index])))
+    return sequences
+
+
+def refreshed_features(
+    actor, drafter: Eagle3Drafter, sequences: list[SequenceFeatures], *, top_k: int, chunk_size: int = 16,
+) -> list[SequenceFeatures]:
+    """The same sequences (tokens, masks, weights) with hidden states and targets from ``actor`` as it is now:
+    replayed trajectories then teach the drafter the actor that will verify its next drafts, not an older one."""
+    targets = _actor_targets(actor, drafter, [s.token_ids for s in sequences], top_k, chunk_size)
+    return [
+        replace(sequence, aux_hidden_states=aux, target_probs=probs, target_ids=ids)
+        for sequence, (aux, probs, ids) in zip(sequences, targets)
+    ]
+
+
+@torch.no_grad()
+def _actor_targets(
+    actor, drafter: Eagle3Drafter, token_ids: list[torch.Tensor], top_k: int, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(aux hidden states [L, num_aux * H], top-k probs [L, k], top-k draft ids [L, k]) per sequence, from no-grad
+    actor forwards over right-padded chunks of ``chunk_size`` sequences."""
+    for start in range(0, len(token_ids), chunk_size):
+        rows = token_ids[start : start + chunk_size]
         lengths = [row.numel() for row in rows]
         input_ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -118,14 +146,5 @@ def step_features(
         features = actor_features(actor, input_ids, attention_mask, drafter)
         target = topk_target(features.draft_logprobs, top_k)
         for i, length in enumerate(lengths):
-            index = start + i
-            prompt_length = trajectories.prompt_lengths[index]
-            loss_mask = torch.zeros(length)
-            loss_mask[prompt_length:] = trajectories.response_masks[index][: length - prompt_length]
-            sequences.append(SequenceFeatures(
-                token_ids=rows[i], loss_mask=loss_mask,
-                aux_hidden_states=features.aux_hidden_states[i, :length].clone(),
-                target_probs=target.probs[i, :length].clone(), target_ids=target.ids[i, :length].clone(),
-                weight=float(weights[index]),
-            ))
-    return sequences
+            yield (features.aux_hidden_states[i, :length].clone(), target.probs[i, :length].clone(),
+                   target.ids[i, :length].clone())

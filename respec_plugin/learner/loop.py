@@ -62,6 +62,13 @@ class OnlineLearner:
         # The previous step's held-out sequences: checked against then, trained on now.
         self._held_out_last: list[SequenceFeatures] = []
 
+    def refresh_targets(self, recompute: Callable[[list[SequenceFeatures]], list[SequenceFeatures]]) -> None:
+        """Recompute the replayed sequences' features (``learner.refresh_replay``): their targets came from the actor
+        of the step that generated them; the next drafts are verified by the actor of now."""
+        self.buffer.refresh(recompute)
+        if self._held_out_last:
+            self._held_out_last = recompute(self._held_out_last)
+
     def step(self, sequences: list[SequenceFeatures], publish: PublishFn) -> dict[str, float]:
         """Learn from one RL step's sequences and publish the result if it is safe; returns ``respec/learner/*``."""
         start = time.perf_counter()
@@ -91,7 +98,8 @@ class OnlineLearner:
             self.serving_version = self.latest_version
             self._serving_state = copy.deepcopy(self.drafter.state_dict())
             served = candidate
-        metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"])
+        metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"],
+                       held_out_acceptance_ceiling=serving["greedy_acceptance_ceiling"])
         if self.initial is not None:
             metrics["held_out_acceptance_initial"] = held_out_scores(
                 self.initial, held_out, self.config.num_draft_steps)["greedy_acceptance"]

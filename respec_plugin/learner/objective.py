@@ -30,7 +30,8 @@ def kd_loss(
     Step j at anchor t predicts token t + j + 2 from the actor's distribution at t + j + 1 (as in
     ``drafter.distill.distillation_loss``); steps j >= 1 are teacher-forced with the true tokens. Returns the loss
     and the mean (over steps) divergence, TV (1 - acceptance of a draft sampled from q), greedy acceptance
-    p(argmax q) and negative-feedback term, mask-weighted (reward-agnostic).
+    p(argmax q), its ceiling max p (what a drafter equal to the actor would get: it falls when the actor's entropy
+    rises, whatever the drafter) and negative-feedback term, mask-weighted (reward-agnostic).
     """
     predicted = batch.loss_mask.sum(0).nonzero()
     first_anchor = max(0, int(predicted[0]) - 2) if predicted.numel() else 0
@@ -38,7 +39,8 @@ def kd_loss(
     steps = drafter.unroll(batch.input_ids, batch.aux_hidden_states, num_draft_steps, step_input_ids=teacher_ids,
                            first_anchor=first_anchor)
     loss = torch.zeros(())
-    totals = {"divergence": 0.0, "tv": 0.0, "greedy_acceptance": 0.0, "negative_feedback": 0.0}
+    totals = {"divergence": 0.0, "tv": 0.0, "greedy_acceptance": 0.0, "greedy_acceptance_ceiling": 0.0,
+              "negative_feedback": 0.0}
     for j, logits in enumerate(steps.logits):
         target = batch.target.map(lambda x: _shift_left(x, j + 1)[:, first_anchor:])
         weights = _shift_left(batch.token_weights, j + 2)[:, first_anchor:]
@@ -60,6 +62,8 @@ def kd_loss(
         totals["divergence"] += float((per_token_divergence.detach() * mask).sum() / mask.sum().clamp_min(1e-6))
         totals["tv"] += float((tv * mask).sum() / mask.sum().clamp_min(1e-6))
         totals["greedy_acceptance"] += float((greedy_acceptance * mask).sum() / mask.sum().clamp_min(1e-6))
+        ceiling = target.probs.max(-1).values  # p(argmax p): a drafter equal to the actor
+        totals["greedy_acceptance_ceiling"] += float((ceiling * mask).sum() / mask.sum().clamp_min(1e-6))
     return loss, {name: value / num_draft_steps for name, value in totals.items()}
 
 

@@ -17,6 +17,7 @@ from respec_plugin.drafter.io import load_drafter
 from respec_plugin.learner.features import (
     ActorMirror,
     fetch_actor_state_dict,
+    refreshed_features,
     step_features,
     trajectories_from_transfer_queue,
 )
@@ -73,6 +74,9 @@ class LearnerHook:
             sequences = step_features(self.actor.model, self.learner.drafter, trajectories, top_k=self.config.top_k,
                                       reward_weighting=self.config.reward_weighting,
                                       weight_floor=self.config.weight_floor)
+            if self.config.refresh_replay:
+                self.learner.refresh_targets(lambda replayed: refreshed_features(
+                    self.actor.model, self.learner.drafter, replayed, top_k=self.config.top_k))
         except Exception:  # noqa: BLE001 -- a learner failure must not stop RL training; the last version serves
             logger.exception("respec learner: could not build this step's features; drafter v%d keeps serving",
                              self.learner.serving_version)

@@ -1,8 +1,11 @@
-"""The learner's held-out split: whole GRPO prompt groups, so the safety check sees prompts it did not train on."""
+"""The learner's held-out split (whole GRPO prompt groups, so the safety check sees prompts it did not train on) and
+the replay window's refresh."""
+
+from dataclasses import replace
 
 import torch
 
-from respec_plugin.learner.buffer import SequenceFeatures, split_held_out
+from respec_plugin.learner.buffer import ReplayBuffer, SequenceFeatures, split_held_out
 
 
 def _sequence(prompt: list[int], response: list[int]) -> SequenceFeatures:
@@ -33,3 +36,19 @@ def test_a_single_prompt_is_split_per_sequence():
     held_out, training = split_held_out(sequences, fraction=0.25)
     assert [int(s.token_ids[-1]) for s in held_out] == [0, 4]
     assert len(training) == 6
+
+
+def test_refresh_recomputes_the_whole_window_in_one_call_and_keeps_its_steps():
+    buffer = ReplayBuffer(replay_steps=2)
+    for step in range(3):  # the first step falls out of the window
+        buffer.add_step([_sequence([step], [step, i]) for i in range(step + 1)])
+    calls = []
+
+    def recompute(sequences):
+        calls.append(len(sequences))
+        return [replace(s, weight=s.weight + 1) for s in sequences]
+
+    buffer.refresh(recompute)
+    assert calls == [5]
+    assert [[s.prompt_key() for s in step] for step in buffer.steps] == [[(1,)] * 2, [(2,)] * 3]
+    assert all(s.weight == 2.0 for s in buffer.sequences)

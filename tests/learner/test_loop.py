@@ -12,7 +12,7 @@ from respec_plugin.config import LearnerConfig
 from respec_plugin.drafter.io import load_drafter
 from respec_plugin.lab.data import read_problems
 from respec_plugin.lab.models import chat_prompt_ids, sample_responses
-from respec_plugin.learner.features import Trajectories, step_features
+from respec_plugin.learner.features import Trajectories, refreshed_features, step_features
 from respec_plugin.learner.loop import OnlineLearner
 from respec_plugin.rollout.hotswap import PublishReport
 
@@ -73,6 +73,34 @@ def test_learner_raises_acceptance_and_publishes_versions(tiny_lab, lab_step):
     # Day-0 held-out acceptance (1 - TV) is ~0.03; a few steps of KD raise it well above that.
     assert 1 - tvs[-1] > 0.2, tvs
     assert metrics["respec/learner/held_out_acceptance"] > 2 * metrics["respec/learner/held_out_acceptance_initial"]
+    # No drafter beats one equal to the actor: p(argmax q) <= max p.
+    assert metrics["respec/learner/held_out_acceptance"] <= metrics["respec/learner/held_out_acceptance_ceiling"] <= 1
+
+
+def test_replayed_targets_are_recomputed_with_the_current_actor(tiny_lab, lab_step):
+    actor, trajectories = lab_step
+    learner, config = _learner(tiny_lab, actor, reward_weighting="uniform")
+    sequences = step_features(actor, learner.drafter, trajectories, top_k=config.top_k,
+                              reward_weighting=config.reward_weighting, weight_floor=config.weight_floor)
+    same = refreshed_features(actor, learner.drafter, sequences, top_k=config.top_k)
+    assert all(torch.allclose(a.target_probs, b.target_probs, atol=1e-5) and torch.equal(a.target_ids, b.target_ids)
+               for a, b in zip(sequences, same))
+
+    moved = copy.deepcopy(actor)  # an actor update: the last layer's MLP changes
+    with torch.no_grad():
+        moved.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    learner.step(sequences, _Publisher())
+    learner.refresh_targets(lambda replayed: refreshed_features(moved, learner.drafter, replayed, top_k=config.top_k))
+    expected = refreshed_features(moved, learner.drafter, sequences, top_k=config.top_k)
+    by_tokens = {tuple(s.token_ids.tolist()): s for s in expected}
+    replayed = learner.buffer.sequences + learner._held_out_last
+    assert len(replayed) == len(sequences)
+    for s in replayed:
+        want = by_tokens[tuple(s.token_ids.tolist())]
+        assert torch.allclose(s.target_probs, want.target_probs, atol=1e-5) and s.weight == want.weight
+        assert torch.equal(s.loss_mask, want.loss_mask)
+    assert not all(torch.allclose(s.target_probs, by_tokens[tuple(s.token_ids.tolist())].target_probs, atol=1e-3)
+                   for s in sequences)  # the targets did move
 
 
 def test_a_candidate_worse_on_held_out_prompts_is_not_published(tiny_lab, lab_step):
