@@ -22,8 +22,9 @@ from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-# online_kd_stale: the ablation of learner.refresh_replay (replayed steps keep the targets of their own actor).
-RUNS = ("static", "online_kd", "online_rwkd", "online_kd_stale", "day0", "vllm")
+# online_kd_refresh: online_kd with learner.refresh_replay (replayed steps re-featured with the current actor);
+# online_rwkd_floor: RWKD where failed rollouts keep a weight (--rwkd-floor) instead of dropping out.
+RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_rwkd_floor", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -32,23 +33,25 @@ def overrides(lab, name: str, args) -> list[str]:
     if name == "vllm":
         return []
     drafter = lab.day0_drafter_dir if name == "day0" else lab.drafter_dir
-    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "online_kd_stale": "uniform",
-                 "day0": args.day0_weighting}.get(name)
+    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "online_kd_refresh": "uniform",
+                 "online_rwkd_floor": "reward", "day0": args.day0_weighting}.get(name)
     learner = {} if weighting is None else {
         "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
                     "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps,
-                    "refresh_replay": name != "online_kd_stale", "compare_with_initial": True}
+                    "refresh_replay": name == "online_kd_refresh", "compare_with_initial": True,
+                    "weight_floor": args.rwkd_floor if name == "online_rwkd_floor" else 0.0}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
 
 def run(lab, name: str, args) -> dict:
     experiment_dir = REPO / "outputs" / "bench_drift" / name
+    respec = overrides(lab, name, args)
     argv, env = grpo_command(
         lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
         rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
         train_batch_size=args.train_batch_size, n=args.n, seed=args.seed, max_response_length=args.max_response_length,
-        extra_overrides=[f"actor_rollout_ref.actor.optim.lr={args.actor_lr}", *overrides(lab, name, args)],
+        extra_overrides=[f"actor_rollout_ref.actor.optim.lr={args.actor_lr}", *respec],
     )
     result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
     steps = sorted(result.metrics)
@@ -62,6 +65,7 @@ def run(lab, name: str, args) -> dict:
         return [result.metrics[s].get(key) for s in steps]
 
     return {
+        "respec_overrides": respec,
         "ok": result.ok,
         "wall_s": result.wall_s,
         "steps": steps,
@@ -95,6 +99,7 @@ def summarise(name: str, r: dict) -> dict:
         out["held_out_acceptance_ceiling_first_3"] = statistics.fmean(ceiling[:3])
         out["held_out_acceptance_ceiling_mean_last_10"] = statistics.fmean(ceiling[-10:])
         out["held_out_acceptance_first_3"] = statistics.fmean(r["held_out_acceptance"][:3])
+        out["held_out_acceptance_initial_first_3"] = statistics.fmean(r["held_out_acceptance_initial"][:3])
     if r["learner_time_s"][0] is not None:
         out["learner_time_fraction_of_step"] = statistics.fmean(
             t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
@@ -151,6 +156,7 @@ def main() -> None:
     parser.add_argument("--learner-steps", type=int, default=8, help="drafter optimizer steps per RL step")
     parser.add_argument("--learner-lr", type=float, default=2e-3, help="drafter AdamW learning rate")
     parser.add_argument("--learner-replay-steps", type=int, default=6, help="RL steps of trajectories trained on")
+    parser.add_argument("--rwkd-floor", type=float, default=0.2, help="weight of a failed rollout in online_rwkd_floor")
     parser.add_argument("--day0-weighting", default="uniform", choices=("uniform", "reward", "advantage"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=3600)

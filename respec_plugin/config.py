@@ -57,9 +57,10 @@ class LearnerConfig:
     num_draft_steps: int = 3
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
     replay_steps: int = 2
-    # Recompute the replayed steps' hidden states and targets with the current actor before training (costs an actor
-    # forward over the replay window per step); off, they keep the targets of the actor that generated them.
-    refresh_replay: bool = True
+    # Recompute the replayed steps' hidden states and targets with the current actor before training (an actor
+    # forward over the whole replay window every step); off, they keep the targets of the actor that generated them.
+    # Off by default: on the lab it cost a quarter more learner time with no measured gain (benchmarks/drift.py).
+    refresh_replay: bool = False
     # Fraction of each step's prompt groups (at least one) held out to compare the candidate with the serving
     # drafter; they are trained on at the next step.
     holdout_fraction: float = 0.125
