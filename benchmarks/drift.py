@@ -118,10 +118,11 @@ def plot(report: dict, path: Path) -> None:
     paired = {name: r for name, r in report["runs"].items() if (r.get("held_out_acceptance_initial") or [None])[0]}
     fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4))
     ax_accept, ax_reward = axes[0], axes[1]
+    colors = {name: f"C{i}" for i, name in enumerate(report["runs"])}  # one colour per run in every panel
     for name, r in report["runs"].items():
         if r["accept_length"][0] is not None:
-            ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=name)
-        ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=name)
+            ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=name, color=colors[name])
+        ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=name, color=colors[name])
     ax_accept.set(xlabel="GRPO step", ylabel="tokens per verify step", title="Acceptance length per step")
     ax_reward.set(xlabel="GRPO step", ylabel="mean reward", title="Reward per step")
     ax_accept.legend()
@@ -129,14 +130,13 @@ def plot(report: dict, path: Path) -> None:
     if paired:
         ax_paired = axes[2]
         for name, r in paired.items():
-            line, = ax_paired.plot(r["steps"], r["held_out_acceptance"], marker="o", markersize=3, label=name)
-            ax_paired.plot(r["steps"], r["held_out_acceptance_initial"], linestyle="--", color=line.get_color(),
-                           label=f"{name}: initial drafter")
-            ax_paired.plot(r["steps"], r["held_out_acceptance_ceiling"], linestyle=":", color=line.get_color(),
-                           label=f"{name}: ceiling (drafter = actor)")
+            ax_paired.plot(r["steps"], r["held_out_acceptance"], marker="o", markersize=3, label=name,
+                           color=colors[name])
+            ax_paired.plot(r["steps"], r["held_out_acceptance_initial"], linestyle="--", color=colors[name])
+            ax_paired.plot(r["steps"], r["held_out_acceptance_ceiling"], linestyle=":", color=colors[name])
         ax_paired.set(xlabel="GRPO step", ylabel="p(greedy draft) per position",
-                      title="Same held-out prompts: serving vs initial drafter")
-        ax_paired.legend(fontsize=7)
+                      title="Held-out prompts: serving (solid), initial (dashed),\nceiling max p (dotted)")
+        ax_paired.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"lab {report['preset']}: drafter drift, k={report['config']['num_speculative_tokens']}, "
                  f"actor lr {report['config']['actor_lr']}")
     fig.tight_layout()

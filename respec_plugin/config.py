@@ -43,7 +43,9 @@ class LearnerConfig:
     # (the step's advantages min-max normalised to [0, 1]) or "uniform" (plain online KD, the ablation).
     reward_weighting: str = "reward"
     # Lowest trajectory weight in [0, 1): 0 drops failed rollouts (ReSpec), > 0 keeps learning from them a little.
-    weight_floor: float = 0.0
+    # 0.2 by default: with sparse 0/1 rewards a floor of 0 leaves most steps nothing to learn from, and on the lab
+    # its drafter ended below the one it started from (benchmarks/drift.py, online_rwkd vs online_rwkd_floor).
+    weight_floor: float = 0.2
     # Coefficient of the negative-feedback term on rejected draft tokens (lowers q where q > p); 0 turns it off.
     negative_feedback: float = 0.1
     # Keep the actor's top-k next-token probabilities per position (bounds memory; the rest counts as 0).

@@ -67,7 +67,7 @@ def test_learner_raises_acceptance_and_publishes_versions(tiny_lab, lab_step):
         metrics = learner.step(sequences, publish)
         tvs.append(metrics["respec/learner/tv"])
         assert math.isfinite(metrics["respec/learner/loss"])
-        assert metrics["respec/learner/weight_mean"] == pytest.approx(0.5)
+        assert metrics["respec/learner/weight_mean"] == pytest.approx(0.2 + 0.8 * 0.5)  # 0/1 rewards, floor 0.2
     assert publish.versions == [1, 2, 3]
     assert metrics["respec/learner/published_version"] == 3 and metrics["respec/learner/rejected_versions"] == 0
     # Day-0 held-out acceptance (1 - TV) is ~0.03; a few steps of KD raise it well above that.
