@@ -61,7 +61,8 @@ class LearnerConfig:
     replay_steps: int = 2
     # Recompute the replayed steps' hidden states and targets with the current actor before training (an actor
     # forward over the whole replay window every step); off, they keep the targets of the actor that generated them.
-    # Off by default: on the lab it cost a quarter more learner time with no measured gain (benchmarks/drift.py).
+    # Off by default: on the lab it cost 20-25% more learner time, and its gain did not separate from the spread
+    # between runs (benchmarks/drift.py, online_kd vs online_kd_refresh).
     refresh_replay: bool = False
     # Fraction of each step's prompt groups (at least one) held out to compare the candidate with the serving
     # drafter; they are trained on at the next step.
