@@ -22,10 +22,21 @@ from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-# online_kd_refresh: online_kd with learner.refresh_replay (replayed steps re-featured with the current actor);
-# online_rwkd_floor: RWKD where failed rollouts keep a weight (--rwkd-floor) instead of dropping out.
 RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_rwkd_floor", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
+
+
+def learner_runs(args) -> dict[str, dict]:
+    """What sets each learner run apart; the rest of its learner block is shared (see :func:`overrides`)."""
+    return {
+        "online_kd": {"reward_weighting": "uniform"},
+        "online_rwkd": {"reward_weighting": "reward"},  # ReSpec's w(r) = r: failed rollouts drop out
+        # Replayed steps re-featured with the current actor.
+        "online_kd_refresh": {"reward_weighting": "uniform", "refresh_replay": True},
+        # Failed rollouts keep a weight instead of dropping out.
+        "online_rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
+        "day0": {"reward_weighting": args.day0_weighting},
+    }
 
 
 def overrides(lab, name: str, args) -> list[str]:
@@ -33,13 +44,11 @@ def overrides(lab, name: str, args) -> list[str]:
     if name == "vllm":
         return []
     drafter = lab.day0_drafter_dir if name == "day0" else lab.drafter_dir
-    weighting = {"online_kd": "uniform", "online_rwkd": "reward", "online_kd_refresh": "uniform",
-                 "online_rwkd_floor": "reward", "day0": args.day0_weighting}.get(name)
-    learner = {} if weighting is None else {
-        "learner": {"enable": True, "reward_weighting": weighting, "steps_per_rl_step": args.learner_steps,
-                    "learning_rate": args.learner_lr, "replay_steps": args.learner_replay_steps,
-                    "refresh_replay": name == "online_kd_refresh", "compare_with_initial": True,
-                    "weight_floor": args.rwkd_floor if name == "online_rwkd_floor" else 0.0}
+    arm = learner_runs(args).get(name)
+    learner = {} if arm is None else {
+        "learner": {"enable": True, "steps_per_rl_step": args.learner_steps, "learning_rate": args.learner_lr,
+                    "replay_steps": args.learner_replay_steps, "refresh_replay": False, "weight_floor": 0.0,
+                    "compare_with_initial": True, **arm}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
