@@ -73,6 +73,10 @@ class LearnerConfig:
     # (respec/learner/held_out_acceptance_initial): what learning gained, on the same rollouts. Keeps a second copy
     # of the drafter in the driver.
     compare_with_initial: bool = False
+    # Write each learner step's trajectories and the actor weights that scored them to this directory
+    # (step_<n>.pt), so learner variants can be compared offline on one and the same sequence of actors
+    # (benchmarks/learner_replay.py). One actor-sized file per step: meant for the lab, not for a real actor.
+    record_dir: str | None = None
 
     def __post_init__(self):
         def bad(key: str, value: Any, fix: str) -> ReSpecConfigError:

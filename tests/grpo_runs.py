@@ -43,6 +43,11 @@ class LabRun:
         return self.experiment_dir.resolve() / "checkpoints"
 
 
+def record_dir(experiment_dir: Path) -> Path:
+    """Where the runs' learner records each step (``learner.record_dir``)."""
+    return experiment_dir.resolve() / "learner_record"
+
+
 def run(lab, experiment_dir: Path, log_name: str, kill_after_step: int | None = None) -> LabRun:
     argv, env = grpo_command(
         lab.train_parquet,
@@ -56,7 +61,8 @@ def run(lab, experiment_dir: Path, log_name: str, kill_after_step: int | None = 
         max_response_length=48,
         extra_overrides=[
             *respec_overrides(
-                drafter_path=lab.day0_drafter_dir, num_speculative_tokens=DEFAULT_K, learner=LEARNER, tuner=TUNER
+                drafter_path=lab.day0_drafter_dir, num_speculative_tokens=DEFAULT_K, tuner=TUNER,
+                learner={**LEARNER, "record_dir": str(record_dir(experiment_dir))},
             ),
             f"trainer.save_freq={SAVE_STEP}",
             "trainer.resume_mode=auto",

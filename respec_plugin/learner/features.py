@@ -13,7 +13,8 @@ step and a forward on CPU, fine for the lab's actor (a real-size actor would reu
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,22 @@ def trajectories_from_fields(data, keep: list[bool]) -> Trajectories:
         rewards.append(float(scores.float().sum()))
         advantages.append(float(advantage.float()[0]) if advantage.numel() else 0.0)
     return Trajectories(token_ids, prompt_lengths, response_masks, torch.tensor(rewards), torch.tensor(advantages))
+
+
+def record_step(directory: str | Path, step: int, actor_state: dict[str, torch.Tensor],
+                trajectories: Trajectories) -> Path:
+    """Writes ``step_<step>.pt`` (``learner.record_dir``): the step's trajectories and the actor weights that score
+    them, which :func:`read_step` reads back for offline learner comparisons."""
+    path = Path(directory) / f"step_{step:04d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "actor": actor_state, "trajectories": asdict(trajectories)}, path)
+    return path
+
+
+def read_step(path: str | Path) -> tuple[int, dict[str, torch.Tensor], Trajectories]:
+    """(step, actor state dict, trajectories) of a file written by :func:`record_step`."""
+    record = torch.load(path, weights_only=True)
+    return record["step"], record["actor"], Trajectories(**record["trajectories"])
 
 
 def _actor_state_dict_on_worker(worker) -> dict[str, torch.Tensor] | None:

@@ -58,9 +58,16 @@ class OnlineLearner:
                                            betas=(0.9, 0.95))
         self.buffer = ReplayBuffer(config.replay_steps)
         self.generator = torch.Generator().manual_seed(seed)
-        self._serving_state = copy.deepcopy(drafter.state_dict())
+        # The drafter the engines serve: scored against each candidate, the training copy's way back after a failure.
+        self.serving = copy.deepcopy(drafter)
         # The previous step's held-out sequences: checked against then, trained on now.
         self._held_out_last: list[SequenceFeatures] = []
+
+    def set_embed_tokens(self, embed_tokens: torch.Tensor) -> None:
+        """Follow the actor's updated input embedding in every drafter copy (vLLM shares the target's)."""
+        for drafter in (self.drafter, self.serving, self.initial):
+            if drafter is not None:
+                drafter.set_embed_tokens(embed_tokens)
 
     def refresh_targets(self, recompute: Callable[[list[SequenceFeatures]], list[SequenceFeatures]]) -> None:
         """Recompute the replayed sequences' features (``learner.refresh_replay``): their targets came from the actor
@@ -77,7 +84,7 @@ class OnlineLearner:
         held_out = collate(held_out_sequences)
         self.buffer.add_step(training + self._held_out_last)
         self._held_out_last = held_out_sequences
-        serving = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
+        serving = held_out_scores(self.serving, held_out, self.config.num_draft_steps)
         try:
             metrics["loss"] = self._train(start)
             candidate = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
@@ -90,13 +97,13 @@ class OnlineLearner:
                 raise _Rejected(f"the engine refused it: {report.errors[0]}")
         except Exception as e:  # noqa: BLE001 -- any failure of the learner must leave the serving version alone
             self.rejected_versions += 1
-            self.drafter.load_state_dict(self._serving_state)
+            self.drafter.load_state_dict(self.serving.state_dict())
             logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving (%s)",
                          e, self.serving_version, type(e).__name__)
             served = serving
         else:
             self.serving_version = self.latest_version
-            self._serving_state = copy.deepcopy(self.drafter.state_dict())
+            self.serving.load_state_dict(self.drafter.state_dict())
             served = candidate
         metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"],
                        held_out_acceptance_ceiling=serving["greedy_acceptance_ceiling"])
@@ -135,9 +142,7 @@ class OnlineLearner:
     def save(self, directory: str | Path) -> None:
         """The serving drafter (vLLM layout, with its version), optimizer state, counters and buffer summary."""
         directory = Path(directory)
-        serving = copy.deepcopy(self.drafter)
-        serving.load_state_dict(self._serving_state)
-        save_drafter(serving, directory / DRAFTER_DIR, drafter_version=self.serving_version)
+        save_drafter(self.serving, directory / DRAFTER_DIR, drafter_version=self.serving_version)
         torch.save({"optimizer": self.optimizer.state_dict(), "latest_version": self.latest_version,
                     "rejected_versions": self.rejected_versions, "generator": self.generator.get_state()},
                    directory / STATE_FILE)

@@ -17,6 +17,7 @@ from respec_plugin.drafter.io import load_drafter
 from respec_plugin.learner.features import (
     ActorMirror,
     fetch_actor_state_dict,
+    record_step,
     refreshed_features,
     step_features,
     trajectories_from_transfer_queue,
@@ -66,11 +67,12 @@ class LearnerHook:
             return {}
         start = time.perf_counter()
         try:
-            self.actor.load(fetch_actor_state_dict(self.trainer.actor_rollout_wg))
-            for drafter in (self.learner.drafter, self.learner.initial):
-                if drafter is not None:
-                    drafter.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
+            actor_state = fetch_actor_state_dict(self.trainer.actor_rollout_wg)
+            self.actor.load(actor_state)
+            self.learner.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
             trajectories = trajectories_from_transfer_queue(batch)
+            if self.config.record_dir:
+                record_step(self.config.record_dir, self.trainer.global_steps, actor_state, trajectories)
             sequences = step_features(self.actor.model, self.learner.drafter, trajectories, top_k=self.config.top_k,
                                       reward_weighting=self.config.reward_weighting,
                                       weight_floor=self.config.weight_floor)

@@ -10,7 +10,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.grpo_runs import SAVE_STEP  # noqa: E402
+import torch  # noqa: E402
+
+from respec_plugin.learner.features import read_step  # noqa: E402
+from tests.grpo_runs import SAVE_STEP, SEQUENCES, record_dir  # noqa: E402
 
 
 def test_learner_publishes_versions_that_serve_the_next_rollout(killed_run):
@@ -48,3 +51,20 @@ def test_resumed_run_serves_the_restored_drafter_and_continues_its_versions(kill
     published = metrics["respec/learner/published_version"]
     assert published >= saved_version
     assert published + metrics["respec/learner/rejected_versions"] == SAVE_STEP + 1
+
+
+def test_learner_records_each_steps_actor_and_trajectories(killed_run):
+    """learner.record_dir: one file per learner step, holding the step's trajectories (their rewards are the ones
+    verl logged for the step) and the actor weights that scored them (updated between steps)."""
+    paths = sorted(record_dir(killed_run.experiment_dir).glob("step_*.pt"))[:SAVE_STEP]  # the resumed run adds more
+    records = [read_step(path) for path in paths]
+    assert [step for step, _, _ in records] == list(range(1, SAVE_STEP + 1))
+    for step, _, trajectories in records:
+        assert len(trajectories.token_ids) == SEQUENCES
+        logged = killed_run.result.metrics[step]["critic/score/mean"]
+        assert trajectories.rewards.mean().item() == pytest.approx(logged, abs=1e-6), step
+        assert all(len(t) == p + len(m) for t, p, m in zip(trajectories.token_ids, trajectories.prompt_lengths,
+                                                         trajectories.response_masks))
+    first, second = records[0][1], records[1][1]
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[name], second[name]) for name in first)  # the actor update in between
