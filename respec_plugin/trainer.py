@@ -11,14 +11,11 @@ A trainer registered after that import is not wrapped: put :class:`ReSpecTrainer
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
 import logging
-import sys
-from typing import Callable
 
 from respec_plugin import ROLLOUT_NAME
 from respec_plugin.config import ReSpecConfig
+from respec_plugin.import_hooks import after_import
 from respec_plugin.report import DASHBOARD_KEYS, draw_dashboard
 from respec_plugin.rollout.spec_stats import EXTRA_KEY, aggregate_step_metrics
 from respec_plugin.verl_checkpoint import restore_folder, save_due, step_folder
@@ -122,10 +119,7 @@ class ReSpecTrainerMixin:
 
 def hook_v1_trainers() -> None:
     """Wrap verl's registered v1 trainers now, or right after ``verl.trainer.ppo.v1`` is imported."""
-    if _V1_PACKAGE in sys.modules:
-        _wrap_registered_trainers()
-    elif not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImportFinder(_V1_PACKAGE, _wrap_registered_trainers))
+    after_import(_V1_PACKAGE, _wrap_registered_trainers)
 
 
 def _wrap_registered_trainers() -> None:
@@ -136,33 +130,3 @@ def _wrap_registered_trainers() -> None:
             TRAINER_REGISTRY[mode] = type(
                 trainer_cls.__name__, (ReSpecTrainerMixin, trainer_cls), {"__module__": trainer_cls.__module__}
             )
-
-
-class _AfterImportFinder(importlib.abc.MetaPathFinder):
-    """Finds one module through the normal finders and runs ``callback`` once it has executed."""
-
-    def __init__(self, module_name: str, callback: Callable[[], None]):
-        self.module_name = module_name
-        self.callback = callback
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.module_name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _CallbackLoader(spec.loader, self.callback)
-        return spec
-
-
-class _CallbackLoader(importlib.abc.Loader):
-    def __init__(self, loader, callback: Callable[[], None]):
-        self.loader = loader
-        self.callback = callback
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        self.callback()
