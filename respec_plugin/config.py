@@ -69,11 +69,17 @@ class LearnerConfig:
     holdout_fraction: float = 0.125
     # Train and publish every N RL steps.
     every_n_steps: int = 1
+    # Train while verl updates the actor (in a thread of the driver), on the step's trajectories with the actor
+    # that generated them, instead of after the update with the updated actor: hides the learner's time when the
+    # driver has spare cores, at the cost of distilling the actor one update behind. Published after the weight
+    # sync either way.
+    overlap: bool = False
     # Also score the drafter the run started from (drafter_path) on each step's held-out prompts
     # (respec/learner/held_out_acceptance_initial): what learning gained, on the same rollouts. Keeps a second copy
     # of the drafter in the driver.
     compare_with_initial: bool = False
-    # Write each learner step's trajectories and the actor weights that scored them to this directory
+    # Write each learner step's trajectories and the actor weights it distilled (the updated actor; with overlap,
+    # the one that generated them) to this directory
     # (step_<n>.pt), so learner variants can be compared offline on one and the same sequence of actors
     # (benchmarks/learner_replay.py). One actor-sized file per step: meant for the lab, not for a real actor.
     record_dir: str | None = None

@@ -28,7 +28,8 @@ DASHBOARD_FILE = "respec_dashboard.png"  # in trainer.default_local_dir: at the 
 
 class ReSpecTrainerMixin:
     """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
-    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync. At the last
+    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync (or alongside
+    the update, ``learner.overlap``). At the last
     step and at every checkpoint it draws the run's respec dashboard (``respec_plugin.report``) into the checkpoint
     root."""
 
@@ -54,6 +55,11 @@ class ReSpecTrainerMixin:
     def step(self, metrics, timing_raw):
         self._respec_step_batch = super().step(metrics, timing_raw)
         return self._respec_step_batch
+
+    def _update_actor(self, batch, metrics):
+        if self._respec_learner is not None:
+            self._respec_learner.before_actor_update(batch)  # overlapped mode: starts learning alongside the update
+        return super()._update_actor(batch, metrics)
 
     def on_step_end(self):
         super().on_step_end()  # verl syncs the updated actor into the engines here (sync/colocate trainers)

@@ -3,11 +3,13 @@ the actor, its hidden states at the EAGLE-3 layers and top-k next-token probabil
 
 Which actor weights: the *updated* actor's, fetched after verl's actor update and weight sync. The drafter trained
 now serves the next rollout, which the updated actor verifies, so its distribution is the target; the step's
-trajectories serve as contexts. How: verl 0.9.1's v1 trainer keeps the actor in its FSDP workers; the driver (the
-TaskRunner) asks every worker, through Ray's ``__ray_call__``, for the full HF-named tensors the worker already
-produces for the vLLM weight sync (``engine.get_per_tensor_param``), and loads them into an HF copy of the actor
-kept on the driver's CPU. That needs no change to verl and no extra GPU memory; it costs one actor-sized copy per
-step and a forward on CPU, fine for the lab's actor (a real-size actor would reuse verl's old-log-prob forward).
+trajectories serve as contexts. (``learner.overlap`` trades that for time: the actor that generated the step,
+fetched before the update, while the update runs.) How: verl 0.9.1's v1 trainer keeps the actor in its FSDP
+workers; the driver (the TaskRunner) asks every worker, through Ray's ``__ray_call__``, for the full HF-named
+tensors the worker already produces for the vLLM weight sync (``engine.get_per_tensor_param``), and loads them into
+an HF copy of the actor kept on the driver's CPU. That needs no change to verl and no extra GPU memory; it costs one
+actor-sized copy per step and a forward on CPU, fine for the lab's actor (a real-size actor would reuse verl's
+old-log-prob forward).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def trajectories_from_fields(data, keep: list[bool]) -> Trajectories:
 
 def record_step(directory: str | Path, step: int, actor_state: dict[str, torch.Tensor],
                 trajectories: Trajectories) -> Path:
-    """Writes ``step_<step>.pt`` (``learner.record_dir``): the step's trajectories and the actor weights that score
-    them, which :func:`read_step` reads back for offline learner comparisons."""
+    """Writes ``step_<step>.pt`` (``learner.record_dir``): the step's trajectories and the actor weights the learner
+    distilled on them, which :func:`read_step` reads back for offline learner comparisons."""
     path = Path(directory) / f"step_{step:04d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": step, "actor": actor_state, "trajectories": asdict(trajectories)}, path)

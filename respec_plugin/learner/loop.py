@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from respec_plugin.config import LearnerConfig
 from respec_plugin.drafter.eagle3 import Eagle3Drafter, vllm_weights
 from respec_plugin.drafter.io import load_drafter, save_drafter
-from respec_plugin.learner.buffer import ReplayBuffer, SequenceFeatures, collate, split_held_out
+from respec_plugin.learner.buffer import Minibatch, ReplayBuffer, SequenceFeatures, collate, split_held_out
 from respec_plugin.learner.objective import held_out_scores, kd_loss
 from respec_plugin.rollout.hotswap import PublishReport
 
@@ -36,6 +37,19 @@ DRAFTER_DIR = "drafter"
 
 # publish(weights, version) -> PublishReport; in the trainer: hotswap.publish_drafter on the live replicas.
 PublishFn = Callable[[list[tuple[str, torch.Tensor]], int], PublishReport]
+
+
+@dataclass
+class Candidate:
+    """A trained drafter (the learner's training copy) not yet published, with what its checks measured."""
+
+    start: float  # perf_counter() when training began
+    held_out: Minibatch
+    serving: dict[str, float]  # held-out scores of the serving version
+    weight_mean: float
+    loss: float | None = None
+    scores: dict[str, float] | None = None  # held-out scores of the candidate
+    error: Exception | None = None  # why it must not be published (NaN loss, worse on held-out, an exception)
 
 
 class OnlineLearner:
@@ -78,19 +92,36 @@ class OnlineLearner:
 
     def step(self, sequences: list[SequenceFeatures], publish: PublishFn) -> dict[str, float]:
         """Learn from one RL step's sequences and publish the result if it is safe; returns ``respec/learner/*``."""
+        return self.publish(self.train_candidate(sequences), publish)
+
+    def train_candidate(self, sequences: list[SequenceFeatures]) -> Candidate:
+        """Train on one RL step's sequences (+ replay) and check the result on the held-out prompt groups. Touches
+        only the training copy and the buffer, so it may run while the engines serve (overlapped mode); nothing
+        reaches them before :meth:`publish`."""
         start = time.perf_counter()
-        metrics = {"weight_mean": sum(s.weight for s in sequences) / max(len(sequences), 1)}
         held_out_sequences, training = split_held_out(sequences, self.config.holdout_fraction)
         held_out = collate(held_out_sequences)
         self.buffer.add_step(training + self._held_out_last)
         self._held_out_last = held_out_sequences
-        serving = held_out_scores(self.serving, held_out, self.config.num_draft_steps)
+        candidate = Candidate(start=start, held_out=held_out,
+                              serving=held_out_scores(self.serving, held_out, self.config.num_draft_steps),
+                              weight_mean=sum(s.weight for s in sequences) / max(len(sequences), 1))
         try:
-            metrics["loss"] = self._train(start)
-            candidate = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
-            accept, serving_accept = candidate["greedy_acceptance"], serving["greedy_acceptance"]
-            if not math.isfinite(candidate["tv"]) or not accept >= serving_accept:
+            candidate.loss = self._train(start)
+            candidate.scores = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
+            accept, serving_accept = candidate.scores["greedy_acceptance"], candidate.serving["greedy_acceptance"]
+            if not math.isfinite(candidate.scores["tv"]) or not accept >= serving_accept:
                 raise _Rejected(f"held-out acceptance {accept:.4f} is below the serving version's {serving_accept:.4f}")
+        except Exception as e:  # noqa: BLE001 -- any failure of the learner must leave the serving version alone
+            candidate.error = e
+        return candidate
+
+    def publish(self, candidate: Candidate, publish: PublishFn) -> dict[str, float]:
+        """Publish a candidate that passed its checks as the next version; otherwise (or if the engines refuse it)
+        revert to the serving weights and count it. Returns the step's ``respec/learner/*`` metrics."""
+        try:
+            if candidate.error is not None:
+                raise candidate.error
             self.latest_version += 1
             report = publish(vllm_weights(self.drafter), self.latest_version)
             if not report.ok:
@@ -100,17 +131,20 @@ class OnlineLearner:
             self.drafter.load_state_dict(self.serving.state_dict())
             logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving (%s)",
                          e, self.serving_version, type(e).__name__)
-            served = serving
+            served = candidate.serving
         else:
             self.serving_version = self.latest_version
             self.serving.load_state_dict(self.drafter.state_dict())
-            served = candidate
-        metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"],
-                       held_out_acceptance_ceiling=serving["greedy_acceptance_ceiling"])
+            served = candidate.scores
+        metrics = {"weight_mean": candidate.weight_mean, "tv": served["tv"],
+                   "held_out_acceptance": served["greedy_acceptance"],
+                   "held_out_acceptance_ceiling": candidate.serving["greedy_acceptance_ceiling"]}
+        if candidate.loss is not None:
+            metrics["loss"] = candidate.loss
         if self.initial is not None:
             metrics["held_out_acceptance_initial"] = held_out_scores(
-                self.initial, held_out, self.config.num_draft_steps)["greedy_acceptance"]
-        metrics.update(time_s=time.perf_counter() - start, published_version=float(self.serving_version),
+                self.initial, candidate.held_out, self.config.num_draft_steps)["greedy_acceptance"]
+        metrics.update(time_s=time.perf_counter() - candidate.start, published_version=float(self.serving_version),
                        rejected_versions=float(self.rejected_versions))
         return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}
 

@@ -1,6 +1,10 @@
 """The learner inside verl's v1 trainer (driver side): built when training begins, run after each step's actor
 update and weight sync, publishing to the live replicas before the next rollout, saved with verl's checkpoints.
 
+Overlapped mode (``learner.overlap``) trains during the actor update instead, in one background thread of the driver:
+on the step's trajectories with the actor that generated them (fetched just before verl updates it), so the drafter
+distills the actor one update behind; the candidate is still checked, and published only after the weight sync.
+
 :class:`respec_plugin.trainer.ReSpecTrainerMixin` calls it; this module only needs the trainer's config, worker
 group, replicas and step counter, so the mixin stays a thin hook list.
 """
@@ -10,19 +14,21 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from respec_plugin.config import ReSpecConfig
 from respec_plugin.drafter.eagle3 import vllm_weights
 from respec_plugin.drafter.io import load_drafter
 from respec_plugin.learner.features import (
     ActorMirror,
+    Trajectories,
     fetch_actor_state_dict,
     record_step,
     refreshed_features,
     step_features,
     trajectories_from_transfer_queue,
 )
-from respec_plugin.learner.loop import OnlineLearner
+from respec_plugin.learner.loop import Candidate, OnlineLearner
 from respec_plugin.rollout.hotswap import drafter_versions, publish_drafter
 from respec_plugin.verl_checkpoint import restore_folder, save_due, step_folder, written_atomically
 
@@ -57,38 +63,89 @@ class LearnerHook:
             serving = max(drafter_versions(trainer.llm_server_manager.get_replicas()))
             self.learner = OnlineLearner(self.config, drafter, serving, seed=trainer.config.data.get("seed", 0) or 0,
                                          initial=initial)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="respec-learner") if self._overlaps() else None
+        self._pending: Future | None = None  # overlapped mode: the candidate being trained during the actor update
+        self._fetch_s = 0.0  # overlapped mode: seconds the fetch before the actor update held up the RL step
+
+    def _overlaps(self) -> bool:
+        """Overlapped mode needs one actor update per step: with several (``parameter_sync_step`` > 1), the step's
+        trajectories are not all generated when the first update starts."""
+        if not self.config.overlap:
+            return False
+        if self.trainer.parameter_sync_step > 1:
+            logger.warning("respec learner: learner.overlap needs one actor update per RL step, this trainer runs %d "
+                           "(parameter_sync_step); the learner runs after the update instead",
+                           self.trainer.parameter_sync_step)
+            return False
+        return True
 
     def _publish(self, weights, version: int):
         return publish_drafter(self.trainer.llm_server_manager.get_replicas(), weights, version)
 
-    def after_step(self, batch) -> dict[str, float]:
-        """Train on the step's trajectories with the updated actor's features and publish; returns metrics."""
-        if self.trainer.global_steps % self.config.every_n_steps:
-            return {}
+    def _due(self) -> bool:
+        return self.trainer.global_steps % self.config.every_n_steps == 0
+
+    def before_actor_update(self, batch) -> None:
+        """Overlapped mode (``learner.overlap``): fetch the actor that generated the step's trajectories, before
+        verl updates it, and train the drafter on them in a background thread while the actor update runs."""
+        if self._executor is None or not self._due():
+            return
         start = time.perf_counter()
         try:
             actor_state = fetch_actor_state_dict(self.trainer.actor_rollout_wg)
-            self.actor.load(actor_state)
-            self.learner.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
             trajectories = trajectories_from_transfer_queue(batch)
-            if self.config.record_dir:
-                record_step(self.config.record_dir, self.trainer.global_steps, actor_state, trajectories)
-            sequences = step_features(self.actor.model, self.learner.drafter, trajectories, top_k=self.config.top_k,
-                                      reward_weighting=self.config.reward_weighting,
-                                      weight_floor=self.config.weight_floor)
-            if self.config.refresh_replay:
-                self.learner.refresh_targets(lambda replayed: refreshed_features(
-                    self.actor.model, self.learner.drafter, replayed, top_k=self.config.top_k))
+        except Exception:  # noqa: BLE001 -- after_step then learns the sequential way (and counts it if it fails)
+            logger.exception("respec learner: could not read the step's actor and trajectories before the actor "
+                             "update; learning after it instead")
+            return
+        self._pending = self._executor.submit(self._train_candidate, actor_state, trajectories)
+        self._fetch_s = time.perf_counter() - start
+
+    def after_step(self, batch) -> dict[str, float]:
+        """Publish this step's candidate drafter (overlapped mode: the one the background thread trained; else
+        train one now on the step's trajectories with the updated actor); returns metrics."""
+        if not self._due():
+            return {}
+        start = time.perf_counter()
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                candidate, train_s = pending.result()
+            else:
+                self._fetch_s = 0.0
+                candidate, train_s = self._train_candidate(fetch_actor_state_dict(self.trainer.actor_rollout_wg),
+                                                           trajectories_from_transfer_queue(batch))
         except Exception:  # noqa: BLE001 -- a learner failure must not stop RL training; the last version serves
             logger.exception("respec learner: could not build this step's features; drafter v%d keeps serving",
                              self.learner.serving_version)
             self.learner.rejected_versions += 1
             return {"respec/learner/published_version": float(self.learner.serving_version),
                     "respec/learner/rejected_versions": float(self.learner.rejected_versions)}
-        metrics = self.learner.step(sequences, self._publish)
-        # The whole learner cost of the step: weight fetch, actor forward, KD steps and publish.
-        metrics["respec/learner/time_s"] = time.perf_counter() - start
+        publish_start = time.perf_counter()
+        metrics = self.learner.publish(candidate, self._publish)
+        end = time.perf_counter()
+        # The part of the learner's cost the RL step waited for (overlapped: the fetch before the actor update,
+        # then what was left of training, and the publish), and its whole cost (weight fetch, actor forward, KD
+        # steps, publish); they are equal when learning follows the actor update.
+        metrics["respec/learner/blocking_s"] = self._fetch_s + end - start
+        metrics["respec/learner/time_s"] = (
+            end - start if pending is None else self._fetch_s + train_s + end - publish_start
+        )
         return metrics
+
+    def _train_candidate(self, actor_state: dict, trajectories: Trajectories) -> tuple[Candidate, float]:
+        """A trained, checked candidate from the step's trajectories under ``actor_state``, and the seconds taken."""
+        start = time.perf_counter()
+        self.actor.load(actor_state)
+        self.learner.set_embed_tokens(self.actor.model.get_input_embeddings().weight)
+        if self.config.record_dir:
+            record_step(self.config.record_dir, self.trainer.global_steps, actor_state, trajectories)
+        sequences = step_features(self.actor.model, self.learner.drafter, trajectories, top_k=self.config.top_k,
+                                  reward_weighting=self.config.reward_weighting, weight_floor=self.config.weight_floor)
+        if self.config.refresh_replay:
+            self.learner.refresh_targets(lambda replayed: refreshed_features(
+                self.actor.model, self.learner.drafter, replayed, top_k=self.config.top_k))
+        return self.learner.train_candidate(sequences), time.perf_counter() - start
 
     def save_if_due(self) -> None:
         """Into verl's checkpoint folder of this step, when verl saved one this step (after this step's learning,
