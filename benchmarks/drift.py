@@ -22,7 +22,8 @@ from respec_plugin.lab.launch import grpo_command, respec_overrides, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_rwkd_floor", "day0", "vllm")
+RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_kd_overlap", "online_rwkd_floor", "day0",
+        "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -33,6 +34,8 @@ def learner_runs(args) -> dict[str, dict]:
         "online_rwkd": {"reward_weighting": "reward"},  # ReSpec's w(r) = r: failed rollouts drop out
         # Replayed steps re-featured with the current actor.
         "online_kd_refresh": {"reward_weighting": "uniform", "refresh_replay": True},
+        # Trained during the actor update, on the actor that generated the step (learner.overlap).
+        "online_kd_overlap": {"reward_weighting": "uniform", "overlap": True},
         # Failed rollouts keep a weight instead of dropping out.
         "online_rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
         "day0": {"reward_weighting": args.day0_weighting},
@@ -53,9 +56,10 @@ def overrides(lab, name: str, args) -> list[str]:
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
 
 
-def run(lab, name: str, args) -> dict:
-    experiment_dir = REPO / "outputs" / "bench_drift" / name
-    respec = overrides(lab, name, args)
+def run(lab, name: str, args, extra_respec: tuple[str, ...] = (), experiment: str = "bench_drift") -> dict:
+    """One GRPO run of ``name`` (``extra_respec``: more respec overrides) under ``outputs/<experiment>/<name>``."""
+    experiment_dir = REPO / "outputs" / experiment / name
+    respec = overrides(lab, name, args) + list(extra_respec)
     argv, env = grpo_command(
         lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
         rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
@@ -82,6 +86,7 @@ def run(lab, name: str, args) -> dict:
         "reward": series("critic/score/mean"),
         "step_s": series("timing_s/step"),
         "learner_time_s": series("respec/learner/time_s"),
+        "learner_blocking_s": series("respec/learner/blocking_s"),
         "learner_tv": series("respec/learner/tv"),
         "published_version": series("respec/learner/published_version"),
         "rejected_versions": series("respec/learner/rejected_versions"),
@@ -109,9 +114,12 @@ def summarise(name: str, r: dict) -> dict:
         out["held_out_acceptance_ceiling_mean_last_10"] = statistics.fmean(ceiling[-10:])
         out["held_out_acceptance_first_3"] = statistics.fmean(r["held_out_acceptance"][:3])
         out["held_out_acceptance_initial_first_3"] = statistics.fmean(r["held_out_acceptance_initial"][:3])
-    if r["learner_time_s"][0] is not None:
-        out["learner_time_fraction_of_step"] = statistics.fmean(
-            t / s for t, s in zip(r["learner_time_s"], r["step_s"]) if t is not None)
+    out["step_s_mean"] = statistics.fmean(r["step_s"][1:])  # step 1 includes warm-up
+    # The learner's whole cost, and the part of it the RL step waited for (less when it overlaps the actor update).
+    for key, fraction in (("learner_time_s", "learner_time_fraction_of_step"),
+                          ("learner_blocking_s", "learner_blocking_fraction_of_step")):
+        if (r.get(key) or [None])[0] is not None:
+            out[fraction] = statistics.fmean(t / s for t, s in zip(r[key], r["step_s"]) if t is not None)
     if name == "day0":
         out["steps_to_accept_length_2"] = next(
             (step for step, a in zip(r["steps"], accept) if a is not None and a >= DAY0_TARGET_ACCEPT_LENGTH), None)
@@ -152,8 +160,9 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str = __doc__) -> argparse.ArgumentParser:
+    """The GRPO run and learner options (benchmarks/learner_replay.py records its run with the same ones)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", default="static,online_kd,online_rwkd,day0")
@@ -162,7 +171,7 @@ def main() -> None:
     parser.add_argument("--max-response-length", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--actor-lr", type=float, default=5e-4)
-    parser.add_argument("--learner-steps", type=int, default=8, help="drafter optimizer steps per RL step")
+    parser.add_argument("--learner-steps", type=int, default=24, help="drafter optimizer steps per RL step")
     parser.add_argument("--learner-lr", type=float, default=2e-3, help="drafter AdamW learning rate")
     parser.add_argument("--learner-replay-steps", type=int, default=6, help="RL steps of trajectories trained on")
     parser.add_argument("--rwkd-floor", type=float, default=0.2, help="weight of a failed rollout in online_rwkd_floor")
@@ -170,7 +179,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--name", default="drift", help="results file stem: benchmarks/results/NAME.json and .png")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [n for n in args.runs.split(",") if n]
     unknown = set(names) - set(RUNS)

@@ -50,8 +50,10 @@ class LearnerConfig:
     negative_feedback: float = 0.1
     # Keep the actor's top-k next-token probabilities per position (bounds memory; the rest counts as 0).
     top_k: int = 32
-    # Drafter optimizer steps per RL step, and a wall-clock bound on them (seconds).
-    steps_per_rl_step: int = 8
+    # Drafter optimizer steps per RL step, and a wall-clock bound on them (seconds). 24: replayed over two recorded
+    # lab runs, the served drafter's acceptance over the last 10 steps was 0.84-0.87x of step 1's with 8 steps and
+    # 0.92-0.94x with 24 (static: 0.45-0.69x; benchmarks/learner_replay.py): 8 steps could not keep up with the actor.
+    steps_per_rl_step: int = 24
     max_time_s: float = 60.0
     # Sequences per drafter step, AdamW learning rate, draft steps unrolled (training-time test).
     batch_size: int = 16

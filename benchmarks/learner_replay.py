@@ -1,0 +1,213 @@
+"""Learner variants compared on one recorded sequence of actors (counterfactual replay), without run-to-run spread.
+
+In the drift benchmark every run's actor drifts differently (drafts change which random draws sampling uses), so a
+single run per variant cannot tell learner variants apart. This benchmark records one GRPO run's actors and
+trajectories once (``learner.record_dir``, the ``online_kd`` run of benchmarks/drift.py), then replays every learner
+variant over exactly that sequence: after step t it learns from step t's trajectories under step t's updated actor,
+as in the trainer; the drafter it then serves is scored on step t + 1's trajectories under the actor that generated
+and verified them (the greedy-draft acceptance per draft position that ``respec/learner/held_out_acceptance``
+reports). ``static`` never learns. The recorded actors do not depend on the recording run's learner: speculative
+sampling is lossless, so any learner variant would have produced the same distribution of actor sequences.
+
+    python benchmarks/learner_replay.py [--record-dir DIR] [--variants static,kd,...] [drift.py's run options]
+
+Writes ``benchmarks/results/learner_replay.{json,png}``. Acceptance here is offline (teacher-forced on the recorded
+trajectories), not vLLM's acceptance length; the drift benchmark measures that.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import drift  # noqa: E402  (benchmarks/ is not a package)
+
+from respec_plugin.config import LearnerConfig  # noqa: E402
+from respec_plugin.drafter.io import load_drafter  # noqa: E402
+from respec_plugin.lab.build import build_lab  # noqa: E402
+from respec_plugin.lab.launch import respec_overrides  # noqa: E402
+from respec_plugin.learner.buffer import collate  # noqa: E402
+from respec_plugin.learner.features import ActorMirror, read_step, refreshed_features, step_features  # noqa: E402
+from respec_plugin.learner.loop import OnlineLearner  # noqa: E402
+from respec_plugin.learner.losses import trajectory_weights  # noqa: E402
+from respec_plugin.learner.objective import held_out_scores  # noqa: E402
+from respec_plugin.rollout.hotswap import PublishReport  # noqa: E402
+
+RECORDED_RUN = "online_kd"
+
+
+def variants(args) -> dict[str, dict | None]:
+    """LearnerConfig overrides of each variant over the drift benchmark's shared learner block (None: no learner)."""
+    return {
+        "static": None,
+        "kd": {"reward_weighting": "uniform"},
+        "kd_8_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 8},  # the drift benchmark's earlier budget
+        "kd_refresh": {"reward_weighting": "uniform", "refresh_replay": True},
+        # Overlapped mode: learns from the step's trajectories under the actor that generated them (one update behind).
+        "kd_overlap": {"reward_weighting": "uniform", "overlap": True},
+        "rwkd": {"reward_weighting": "reward", "weight_floor": 0.0},
+        "rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
+    }
+
+
+def base_config(args) -> dict:
+    """The learner block every drift learner run shares (benchmarks/drift.py ``overrides``)."""
+    return {"enable": True, "steps_per_rl_step": args.learner_steps, "learning_rate": args.learner_lr,
+            "replay_steps": args.learner_replay_steps, "refresh_replay": False, "weight_floor": 0.0}
+
+
+def record(lab, args, record_dir: Path) -> None:
+    """One GRPO run (drift's ``online_kd``) that writes every step's actor and trajectories to ``record_dir``."""
+    extra = respec_overrides(learner={"record_dir": str(record_dir)})
+    result = drift.run(lab, RECORDED_RUN, args, extra_respec=tuple(extra), experiment="bench_learner_replay")
+    logging.info("recorded %d steps into %s", len(result["steps"]), record_dir)
+
+
+class RecordedSteps:
+    """The recorded steps, each with two sets of features: under the actor that generated and verified its rollout
+    (the previous step's updated actor; the lab's actor for the first step), to score the drafter that served it;
+    and under the step's updated actor, which the learner distills after the step, as in the trainer."""
+
+    def __init__(self, lab, record_dir: Path, top_k: int):
+        self.paths = sorted(record_dir.glob("step_*.pt"))
+        if len(self.paths) < 2:
+            raise SystemExit(f"{record_dir} holds {len(self.paths)} recorded steps; record a run first (no --skip-record)")
+        self.actor = ActorMirror(lab.actor_dir)  # the lab's actor: the one that generated the first rollout
+        reference, _ = load_drafter(lab.drafter_dir, self.actor.model.get_input_embeddings().weight)
+        self.steps, self.trajectories = [], []
+        self.rollout_features, self.rollout_embeddings, self.features, self.embeddings = [], [], [], []
+
+        def features(trajectories):  # depend on the drafter only through its draft vocabulary and layer ids
+            return step_features(self.actor.model, reference, trajectories, top_k=top_k, reward_weighting="uniform",
+                                 weight_floor=0.0)
+
+        def embedding():
+            return self.actor.model.get_input_embeddings().weight.detach().clone()
+
+        for path in self.paths:
+            step, actor_state, trajectories = read_step(path)
+            self.steps.append(step)
+            self.trajectories.append(trajectories)
+            self.rollout_features.append(features(trajectories))
+            self.rollout_embeddings.append(embedding())
+            self.actor.load(actor_state)
+            self.features.append(features(trajectories))
+            self.embeddings.append(embedding())
+
+    def weighted(self, index: int, config: LearnerConfig) -> list:
+        """Step ``index``'s features the learner distills (overlapped mode: under the actor that generated them, as
+        it learns during the actor update), with the variant's trajectory weights."""
+        t = self.trajectories[index]
+        weights = trajectory_weights(t.rewards, t.advantages, config.reward_weighting, config.weight_floor)
+        features = self.rollout_features[index] if config.overlap else self.features[index]
+        return [replace(s, weight=float(w)) for s, w in zip(features, weights)]
+
+    def load_actor(self, index: int):
+        self.actor.load(read_step(self.paths[index])[1])
+        return self.actor.model
+
+
+def _accept_all(weights, version: int) -> PublishReport:
+    return PublishReport(version, accepted=1, rejected=0, errors=(), serving_versions=(version,))
+
+
+def replay(lab, recorded: RecordedSteps, overrides: dict | None, args) -> dict:
+    """Served drafter's acceptance at every recorded step (the first: the drafter the run started from)."""
+    drafter, version = load_drafter(lab.drafter_dir, recorded.rollout_embeddings[0])
+    config = LearnerConfig(**{**base_config(args), **overrides}) if overrides is not None else None
+    learner = OnlineLearner(config, drafter, version, seed=args.seed) if config else None
+    acceptance, ceiling, rejected, learner_s = [], [], [], []
+    for index in range(len(recorded.steps)):
+        # As in vLLM, a drafter shares the embedding of the actor that verifies its drafts.
+        (learner or drafter).set_embed_tokens(recorded.rollout_embeddings[index])
+        serving = learner.serving if learner else drafter
+        scores = held_out_scores(serving, collate(recorded.rollout_features[index]), args.num_speculative_tokens)
+        acceptance.append(scores["greedy_acceptance"])
+        ceiling.append(scores["greedy_acceptance_ceiling"])
+        if learner is None:
+            continue
+        start = time.perf_counter()
+        if not config.overlap:  # as the trainer hook: the updated actor's (overlapped: the generating one's, set above)
+            learner.set_embed_tokens(recorded.embeddings[index])
+        if config.refresh_replay:
+            actor = recorded.load_actor(index)
+            learner.refresh_targets(lambda seqs: refreshed_features(actor, learner.drafter, seqs, top_k=config.top_k))
+        metrics = learner.step(recorded.weighted(index, config), _accept_all)
+        learner_s.append(time.perf_counter() - start)
+        rejected.append(metrics["respec/learner/rejected_versions"])
+    return {"steps": recorded.steps, "acceptance": acceptance, "ceiling": ceiling, "overrides": overrides,
+            "rejected_versions": rejected[-1] if rejected else None,
+            "learner_s_mean": statistics.fmean(learner_s) if learner_s else None}
+
+
+def summarise(r: dict, static: dict | None) -> dict:
+    out = {"acceptance_step_1": r["acceptance"][0], "acceptance_mean_last_10": statistics.fmean(r["acceptance"][-10:]),
+           "ceiling_mean_last_10": statistics.fmean(r["ceiling"][-10:]), "rejected_versions": r["rejected_versions"]}
+    out["last_10_over_step_1"] = out["acceptance_mean_last_10"] / out["acceptance_step_1"]
+    if static is not None:
+        out["mean_over_static"] = statistics.fmean(r["acceptance"]) / statistics.fmean(static["acceptance"])
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, r in report["variants"].items():
+        ax.plot(r["steps"], r["acceptance"], marker="o", markersize=3, label=name)
+    first = next(iter(report["variants"].values()))
+    ax.plot(first["steps"], first["ceiling"], linestyle=":", color="black", label="ceiling (max p)")
+    ax.set(xlabel="GRPO step (recorded run)", ylabel="p(greedy draft) per position",
+           title=f"Learner variants replayed on one recorded run (lab {report['preset']}, actor lr "
+                 f"{report['config']['actor_lr']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = drift.arguments(__doc__)
+    parser.add_argument("--record-dir", default=str(drift.REPO / "outputs" / "learner_replay" / "record"))
+    parser.add_argument("--skip-record", action="store_true", help="replay the steps already in --record-dir")
+    parser.add_argument("--variants", default="static,kd,kd_8_steps,kd_refresh,kd_overlap,rwkd,rwkd_floor")
+    parser.set_defaults(name="learner_replay")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    table = variants(args)
+    names = [n for n in args.variants.split(",") if n]
+    if set(names) - set(table):
+        raise SystemExit(f"--variants has unknown variant(s) {sorted(set(names) - set(table))}; choose from "
+                         f"{','.join(table)}")
+    torch.manual_seed(args.seed)
+    lab = build_lab(args.preset)
+    record_dir = Path(args.record_dir)
+    if not args.skip_record:
+        for stale in record_dir.glob("step_*.pt"):
+            stale.unlink()
+        record(lab, args, record_dir)
+    recorded = RecordedSteps(lab, record_dir, top_k=LearnerConfig().top_k)
+    report = {"preset": args.preset, "config": vars(args), "variants": {}, "summary": {}}
+    for name in names:
+        report["variants"][name] = replay(lab, recorded, table[name], args)
+        static = report["variants"].get("static")
+        report["summary"][name] = summarise(report["variants"][name], static)
+        print(name, json.dumps(report["summary"][name]), flush=True)
+        drift.RESULTS.mkdir(parents=True, exist_ok=True)
+        (drift.RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+        plot(report, drift.RESULTS / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
