@@ -139,6 +139,10 @@ class TunerConfig:
     min_steps: int = 8
     # Weight old evidence keeps at each update (1.0 never forgets; lower follows the drafter and actor faster).
     forget: float = 0.8
+    # Where k = 0, skip the EAGLE drafter's forward in decode steps as well (vLLM runs it anyway, to keep the
+    # drafter's KV cache complete): SD-off then costs what a plain engine does, while drafts made after a k = 0
+    # stretch see no drafter cache for it (respec_plugin/tuner/k0_skips_drafter.py).
+    k0_skips_drafter: bool = True
 
     def __post_init__(self):
         def bad(key: str, value: Any, fix: str) -> ReSpecConfigError:

@@ -11,6 +11,7 @@ How k reaches the engine (vLLM 0.31 sources):
   ``propose(num_speculative_tokens, ...)`` in vllm/v1/spec_decode/llm_base_proposer.py), and the next step
   verifies whatever was drafted. With k = 0 the proposer returns no drafts (it still runs the drafter's first
   forward so its KV cache stays in sync for when k comes back): no speculation at that batch size, lossless.
+  respec skips that forward too in decode steps (``tuner.k0_skips_drafter``, respec_plugin/tuner/k0_skips_drafter.py).
 - Hence this subclass only replaces ``dynamic_sd_lookup`` between steps. The schedule comes through a file in
   the control directory named by ``additional_config["respec_tuner_dir"]`` (see respec_plugin/tuner/channel.py:
   no vLLM API reaches the scheduler in the engine-core process), polled with one ``stat`` per step.

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from respec_plugin.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError
 from respec_plugin.tuner.channel import take_steps, write_schedule
+from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
 from respec_plugin.tuner.policy import Tuner
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class EngineTuner:
             )
         engine_kwargs["scheduler_cls"] = SCHEDULER_CLS
         engine_kwargs["additional_config"] = {**(engine_kwargs.get("additional_config") or {}),
-                                              CONTROL_DIR_KEY: self.control_dir}
+                                              CONTROL_DIR_KEY: self.control_dir,
+                                              K0_SKIPS_DRAFTER_KEY: self.tuner.config.k0_skips_drafter}
 
     def observe_request(self, spec_stats: Mapping[str, Any]) -> None:
         """One finished request's ``extra_fields["respec"]`` record (its acceptance per draft position)."""

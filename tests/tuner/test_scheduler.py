@@ -1,6 +1,7 @@
 """The tuner's vLLM scheduler on vLLM CPU with the tiny lab: a schedule installed into the running engine
 takes effect at the next step (drafted-token counts follow it, per batch size), every k is lossless (greedy
-outputs token-identical to plain vLLM), and the step records it writes describe what ran."""
+outputs token-identical to plain vLLM), and the step records it writes describe what ran. With
+``tuner.k0_skips_drafter`` the drafter runs in no decode step at k = 0, and outputs stay the same."""
 
 import gc
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from respec_plugin.lab.data import read_problems  # noqa: E402
 from respec_plugin.lab.models import chat_prompt_ids  # noqa: E402
 from respec_plugin.tuner.channel import take_steps, write_schedule  # noqa: E402
+from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY  # noqa: E402
 from respec_plugin.tuner.scheduler import CONTROL_DIR_KEY, SCHEDULER_CLS  # noqa: E402
 
 K_MAX = 4
@@ -38,38 +40,85 @@ def _shutdown(llm) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_lab, tmp_path_factory):
-    """Plain vLLM once, then one tuner-scheduled engine serving under several installed schedules."""
+def _tuned_engine(tiny_lab, control_dir: str, **additional_config):
     from vllm import LLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lab.actor_dir)
-    prompts = [chat_prompt_ids(tokenizer, p.question) for p in read_problems(tiny_lab.val_parquet)[:NUM_PROMPTS]]
-    plain = LLM(model=tiny_lab.actor_dir, **ENGINE_KWARGS)
-    plain_tokens, _ = _generate(plain, prompts)
-    _shutdown(plain)
-
-    control_dir = str(tmp_path_factory.mktemp("tuner"))
-    llm = LLM(
+    return LLM(
         model=tiny_lab.actor_dir,
         speculative_config={"method": "eagle3", "model": tiny_lab.drafter_dir, "num_speculative_tokens": K_MAX,
                             "num_speculative_tokens_per_batch_size": [(1, MAX_NUM_SEQS, K_MAX)]},
         per_request_spec_decode_metrics="detailed",
         scheduler_cls=SCHEDULER_CLS,
-        additional_config={CONTROL_DIR_KEY: control_dir},
+        additional_config={CONTROL_DIR_KEY: control_dir, **additional_config},
         **ENGINE_KWARGS,
     )
-    schedules = {f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in range(K_MAX + 1)}
-    # Off while 3+ requests run, deep speculation in the tail.
-    schedules["tail"] = [(1, 2, K_MAX), (3, MAX_NUM_SEQS, 0)]
+
+
+def _serve(llm, control_dir: str, prompts, schedules) -> dict:
     served = {}
     for version, (name, schedule) in enumerate(schedules.items()):
         write_schedule(control_dir, schedule, version)
         take_steps(control_dir)
         tokens, metrics = _generate(llm, prompts)
         served[name] = {"version": version, "tokens": tokens, "metrics": metrics, "steps": take_steps(control_dir)}
+    return served
+
+
+# Off while 3+ requests run, deep speculation in the tail.
+TAIL_SCHEDULE = [(1, 2, K_MAX), (3, MAX_NUM_SEQS, 0)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_lab):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lab.actor_dir)
+    return [chat_prompt_ids(tokenizer, p.question) for p in read_problems(tiny_lab.val_parquet)[:NUM_PROMPTS]]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lab, prompts, tmp_path_factory):
+    """Plain vLLM once, then one tuner-scheduled engine serving under several installed schedules."""
+    from vllm import LLM
+
+    plain = LLM(model=tiny_lab.actor_dir, **ENGINE_KWARGS)
+    plain_tokens, _ = _generate(plain, prompts)
+    _shutdown(plain)
+
+    control_dir = str(tmp_path_factory.mktemp("tuner"))
+    llm = _tuned_engine(tiny_lab, control_dir)
+    schedules = {f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in range(K_MAX + 1)}
+    schedules["tail"] = TAIL_SCHEDULE
+    served = _serve(llm, control_dir, prompts, schedules)
     _shutdown(llm)
     return plain_tokens, served
+
+
+@pytest.fixture(scope="module")
+def skipping_run(tiny_lab, prompts, tmp_path_factory):
+    """A tuner-scheduled engine with the k = 0 drafter skip, in this process, counting its drafter's forwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: its drafter is reachable
+        control_dir = str(tmp_path_factory.mktemp("tuner_skip"))
+        llm = _tuned_engine(tiny_lab, control_dir, **{K0_SKIPS_DRAFTER_KEY: True})
+        forwards = []
+        llm.collective_rpc(_count_drafter_forwards, args=(forwards,))
+        served = {}
+        for name, schedule in {"k=0": [(1, MAX_NUM_SEQS, 0)], "tail": TAIL_SCHEDULE}.items():
+            forwards.clear()
+            served[name] = _serve(llm, control_dir, prompts, {name: schedule})[name]
+            served[name]["drafter_forwards"] = len(forwards)
+        _shutdown(llm)
+    return served
+
+
+def _count_drafter_forwards(worker, forwards: list) -> None:
+    drafter = worker.model_runner.drafter.model
+    forward = drafter.forward
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        return forward(*args, **kwargs)
+
+    drafter.forward = counted
 
 
 @pytest.mark.parametrize("name", [f"k={k}" for k in range(K_MAX + 1)] + ["tail"])
@@ -107,3 +156,16 @@ def test_step_records_account_for_every_token(runs):
     generated = sum(len(t) for t in run["tokens"])
     assert sum(s.num_generated_tokens for s in run["steps"]) == generated
     assert all(s.duration_s > 0 for s in run["steps"])
+
+
+@pytest.mark.parametrize("name", ["k=0", "tail"])
+def test_k0_skips_the_drafter_in_decode_steps_and_stays_lossless(runs, skipping_run, name):
+    plain_tokens, _ = runs
+    run = skipping_run[name]
+    assert run["tokens"] == plain_tokens
+    steps = run["steps"]
+    # Skipped: decode steps at k = 0 with nothing to verify (one token per request). Prefills still run it.
+    skipped = [s.k == 0 and s.num_scheduled_tokens == s.batch_size for s in steps]
+    assert any(skipped) and not all(skipped)
+    # Every other step runs the drafter's first pass, plus k - 1 more to draft k tokens (vLLM's EAGLE proposer).
+    assert run["drafter_forwards"] == sum(max(s.k, 1) for s, skip in zip(steps, skipped) if not skip)

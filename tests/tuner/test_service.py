@@ -5,6 +5,7 @@ import pytest
 
 from respec_plugin.config import ReSpecConfig, ReSpecConfigError
 from respec_plugin.tuner.channel import StepRecord, append_steps, read_schedule, schedule_stamp, take_steps
+from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
 from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS, EngineTuner
 
 
@@ -60,7 +61,10 @@ def test_engine_kwargs_and_data_parallel():
     kwargs = {"additional_config": {"other": 1}}
     tuner.configure_engine(kwargs, data_parallel_size=1)
     assert kwargs["scheduler_cls"] == SCHEDULER_CLS
-    assert kwargs["additional_config"] == {"other": 1, CONTROL_DIR_KEY: tuner.control_dir}
+    assert kwargs["additional_config"] == {"other": 1, CONTROL_DIR_KEY: tuner.control_dir, K0_SKIPS_DRAFTER_KEY: True}
+    kept = {}
+    EngineTuner(_config(k0_skips_drafter=False), max_num_seqs=64).configure_engine(kept, data_parallel_size=1)
+    assert kept["additional_config"][K0_SKIPS_DRAFTER_KEY] is False
     with pytest.raises(ReSpecConfigError, match="data_parallel_size=1"):
         tuner.configure_engine({}, data_parallel_size=2)
 
