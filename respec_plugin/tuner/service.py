@@ -4,6 +4,7 @@ measured, and installs the next schedule when the trainer asks for an update (be
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 SCHEDULER_CLS = "respec_plugin.tuner.scheduler.ReSpecScheduler"
 # Key of vLLM's ``additional_config`` naming the control directory (read by the scheduler).
 CONTROL_DIR_KEY = "respec_tuner_dir"
+V2_MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 class EngineTuner:
@@ -46,6 +48,7 @@ class EngineTuner:
         engine_kwargs["additional_config"] = {**(engine_kwargs.get("additional_config") or {}),
                                               CONTROL_DIR_KEY: self.control_dir,
                                               K0_SKIPS_DRAFTER_KEY: self.tuner.config.k0_skips_drafter}
+        use_v1_model_runner()
 
     def observe_request(self, spec_stats: Mapping[str, Any]) -> None:
         """One finished request's ``extra_fields["respec"]`` record (its acceptance per draft position)."""
@@ -67,3 +70,20 @@ class EngineTuner:
         """Resume from a checkpoint: the restored choice serves right away."""
         self.tuner.load_state_dict(state)
         write_schedule(self.control_dir, self.tuner.current_schedule(), self.tuner.version)
+
+
+def use_v1_model_runner() -> None:
+    """Run the engine (started after this, in this process or its children) on vLLM's V1 model runner.
+
+    vLLM picks its V2 model runner where Triton is installed (``VllmConfig.use_v2_model_runner``), whose speculators
+    always draft ``num_speculative_tokens`` and ignore the scheduler's per-step k (vllm-project/vllm#51510, fix
+    pending in #57053): the tuner's k would change verification only, never drafting, and k = 0 would still draft.
+    The V1 runner reads it (``GPUModelRunner.propose_draft_token_ids``). A user's explicit choice stands, with a
+    warning."""
+    chosen = os.environ.get(V2_MODEL_RUNNER_ENV)
+    if chosen is None:
+        os.environ[V2_MODEL_RUNNER_ENV] = "0"
+    elif chosen.lower() not in ("0", "false"):
+        logger.warning("respec tuner: %s=%s keeps vLLM's V2 model runner, which drafts num_speculative_tokens at "
+                       "every step whatever k the tuner chooses (vllm-project/vllm#51510); unset it to let k act "
+                       "on drafting", V2_MODEL_RUNNER_ENV, chosen)

@@ -1,12 +1,14 @@
 """The tuner's plumbing without an engine: the respec block turns into vLLM's dynamic schedule and scheduler,
 the file channel carries schedules in and step records out, and a server-side update installs a schedule."""
 
+import os
+
 import pytest
 
 from respec_plugin.config import ReSpecConfig, ReSpecConfigError
 from respec_plugin.tuner.channel import StepRecord, append_steps, read_schedule, schedule_stamp, take_steps
 from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
-from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS, EngineTuner
+from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS, V2_MODEL_RUNNER_ENV, EngineTuner
 
 
 def _config(**tuner):
@@ -56,7 +58,9 @@ def test_channel_round_trip(tmp_path):
     assert schedule_stamp(tuner.control_dir) != stamp
 
 
-def test_engine_kwargs_and_data_parallel():
+def test_engine_kwargs_and_data_parallel(monkeypatch):
+    monkeypatch.setenv(V2_MODEL_RUNNER_ENV, "")  # so that monkeypatch restores the variable the tuner sets
+    monkeypatch.delenv(V2_MODEL_RUNNER_ENV)
     tuner = EngineTuner(_config(), max_num_seqs=64)
     kwargs = {"additional_config": {"other": 1}}
     tuner.configure_engine(kwargs, data_parallel_size=1)
@@ -65,6 +69,11 @@ def test_engine_kwargs_and_data_parallel():
     kept = {}
     EngineTuner(_config(k0_skips_drafter=False), max_num_seqs=64).configure_engine(kept, data_parallel_size=1)
     assert kept["additional_config"][K0_SKIPS_DRAFTER_KEY] is False
+    # vLLM's V2 model runner ignores the per-step k when drafting: the engine gets the V1 runner, unless the user chose.
+    assert os.environ[V2_MODEL_RUNNER_ENV] == "0"
+    monkeypatch.setenv(V2_MODEL_RUNNER_ENV, "1")
+    tuner.configure_engine({}, data_parallel_size=1)
+    assert os.environ[V2_MODEL_RUNNER_ENV] == "1"
     with pytest.raises(ReSpecConfigError, match="data_parallel_size=1"):
         tuner.configure_engine({}, data_parallel_size=2)
 
