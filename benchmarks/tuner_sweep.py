@@ -6,8 +6,9 @@
    configuration generates the same tokens), generated tokens / wall seconds for SD-off (a plain vLLM engine),
    static k in {1, 2, 3, 4, 6}, and the tuner. Static k and the tuner run on one EAGLE-3 engine with
    k_max = 6 and respec's scheduler: static k is the one-entry schedule [(1, max, k)] installed through the
-   tuner's channel, exactly as the tuner installs its own. ``k=0`` on that engine is measured too: SD-off
-   there still runs the drafter's first forward (to keep its KV cache in sync), which the plain engine does not.
+   tuner's channel, exactly as the tuner installs its own. That engine skips the drafter in decode steps at k = 0,
+   as respec's server sets it up (``tuner.k0_skips_drafter``); ``k=0`` is measured on it, and on a third engine
+   without the skip (``k=0_drafter_kept``, vLLM's own k = 0: the drafter's first forward still runs every step).
 2. Long-tail rollout: many requests whose lengths spread over a wide range, all submitted at once, so the
    batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
 The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
@@ -36,6 +37,7 @@ from respec_plugin.lab.data import read_problems
 from respec_plugin.lab.models import chat_prompt_ids
 from respec_plugin.rollout.spec_stats import request_stats
 from respec_plugin.tuner.channel import take_steps, write_schedule
+from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
 from respec_plugin.tuner.policy import Tuner
 from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS
 
@@ -47,7 +49,7 @@ K_MAX = 6
 MAX_NUM_SEQS = 256
 
 
-def engine(lab, control_dir: str | None):
+def engine(lab, control_dir: str | None, k0_skips_drafter: bool = True):
     from vllm import LLM
 
     kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.3,
@@ -58,7 +60,7 @@ def engine(lab, control_dir: str | None):
                                 "num_speculative_tokens_per_batch_size": [(1, 1, K_MAX)]},
             per_request_spec_decode_metrics="detailed",
             scheduler_cls=SCHEDULER_CLS,
-            additional_config={CONTROL_DIR_KEY: control_dir},
+            additional_config={CONTROL_DIR_KEY: control_dir, K0_SKIPS_DRAFTER_KEY: k0_skips_drafter},
         )
     return LLM(model=lab.actor_dir, **kwargs)
 
@@ -133,13 +135,17 @@ def run(args) -> dict:
     workloads = Workloads(prompts, args)
     report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args)}
 
-    # Both engines stay up for the whole run, so every configuration is measured under the same conditions.
+    # The engines stay up for the whole run, so every configuration is measured under the same conditions.
     plain = engine(lab, None)
     generate(plain, prompts[:4], [8] * 4)  # warm-up
     control_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-")
     write_schedule(control_dir, [(1, 1, K_MAX)], 0)
     speculative = engine(lab, control_dir)
     generate(speculative, prompts[:4], [8] * 4)
+    kept_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-kept-")
+    write_schedule(kept_dir, [(1, MAX_NUM_SEQS, 0)], 0)
+    drafter_kept = engine(lab, kept_dir, k0_skips_drafter=False)
+    generate(drafter_kept, prompts[:4], [8] * 4)
 
     # The tuner: calibration rounds (its own runs only), then measured with its greedy schedule.
     config = TunerConfig(mode="adaptive", k_max=K_MAX, explore=args.explore, min_steps=args.min_steps)
@@ -168,9 +174,11 @@ def run(args) -> dict:
     # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved:
     # each repeat measures every configuration once, in a fresh random order (a configuration measured right after
     # the same neighbour every time ran ~10% slower than the same k measured elsewhere), keeping the median.
-    # "k=0" is SD-off inside the EAGLE-3 engine: what the tuner's k = 0 costs against the plain engine.
+    # "k=0" is SD-off inside the EAGLE-3 engine: what the tuner's k = 0 costs against the plain engine
+    # ("k=0_drafter_kept": the same in vLLM's own way, on the third engine, whose schedule never changes).
     schedules = {"sd_off": None, **{f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in (0, *STATIC_KS)},
-                 "tuner": tuner_schedule}
+                 "k=0_drafter_kept": None, "tuner": tuner_schedule}
+    engines = {"sd_off": plain, "k=0_drafter_kept": drafter_kept}
     names = list(schedules)
     samples: dict = {name: {"sweep": {str(b): [] for b in BATCH_SIZES}, "long_tail": []} for name in names}
     version = greedy.version
@@ -178,7 +186,7 @@ def run(args) -> dict:
     order = random.Random(args.seed)
     for repeat in range(args.repeats):
         for name in order.sample(names, len(names)):
-            llm = plain if schedules[name] is None else speculative
+            llm = engines.get(name, speculative)
             if schedules[name] is not None:
                 version += 1
                 install(control_dir, schedules[name], version)
@@ -192,8 +200,8 @@ def run(args) -> dict:
                 trace = take_steps(control_dir)
         save_partial({**report, "calibration": calibration, "samples": samples})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
-    shutdown(speculative)
-    shutdown(plain)
+    for llm in (drafter_kept, speculative, plain):
+        shutdown(llm)
 
     report["samples"] = samples
     report["sweep"] = {name: {b: statistics.median(v) for b, v in samples[name]["sweep"].items()} for name in names}
@@ -214,7 +222,8 @@ def ratios(report: dict) -> dict:
         out["by_batch"][b] = {"best_static": best, "tuner_vs_best_static": sweep["tuner"][b] / sweep[best][b],
                               "tuner_vs_sd_off": sweep["tuner"][b] / sweep["sd_off"][b],
                               "best_static_vs_sd_off": sweep[best][b] / sweep["sd_off"][b],
-                              "k0_in_eagle_engine_vs_sd_off": sweep["k=0"][b] / sweep["sd_off"][b]}
+                              "k0_in_eagle_engine_vs_sd_off": sweep["k=0"][b] / sweep["sd_off"][b],
+                              "k0_drafter_kept_vs_sd_off": sweep["k=0_drafter_kept"][b] / sweep["sd_off"][b]}
     best_tail = max(static, key=lambda name: tail[name]["tokens_per_s"])
     out["long_tail"] = {"best_static": best_tail,
                         "tuner_vs_best_static": tail["tuner"]["tokens_per_s"] / tail[best_tail]["tokens_per_s"],
@@ -229,7 +238,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_sweep, ax_trace) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = ["sd_off", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
+    names = ["sd_off", "k=0_drafter_kept", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         base = [report["sweep"]["sd_off"][str(b)] for b in BATCH_SIZES]
@@ -278,7 +287,7 @@ def main() -> None:
     plot(report, RESULTS / "tuner_sweep.png")
     print(json.dumps(report["ratios"], indent=2))
     for name in report["sweep"]:
-        print(f"{name:>7}: " + "  ".join(f"N={b}: {report['sweep'][name][str(b)]:8.1f}" for b in BATCH_SIZES)
+        print(f"{name:>16}: " + "  ".join(f"N={b}: {report['sweep'][name][str(b)]:8.1f}" for b in BATCH_SIZES)
               + f"  long tail: {report['long_tail'][name]['tokens_per_s']:8.1f} tok/s")
 
 

@@ -2,7 +2,9 @@
 
 Each bucket compares its candidates k = 0..k_max by tokens/s: measured where the engine ran that (bucket, k) for
 ``min_steps`` decode steps, predicted by the cost model elsewhere (optimistic guesses get measured, and corrected,
-at the next update). With no estimate for SD-off yet, a bucket keeps the configured k (the safe default): k > 0
+at the next update). A predicted k replaces the best measured one only if it beats it by more than the cost model's
+own error on the last rollout (``respec/tuner/step_time_error``): a prediction within the model's error is no
+evidence, and switching on it serves untried ks as if they were measured. With no estimate for SD-off yet, a bucket keeps the configured k (the safe default): k > 0
 is chosen only where it beats SD-off's estimate. A bucket that has run with speculation but has no SD-off estimate
 runs SD-off at the next update: that measures the anchor every k is compared with, and gives the step-time model a
 second k so it can predict the others (waiting for random exploration to do this took tens of RL steps). With
@@ -15,11 +17,18 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from respec_plugin.config import TunerConfig
 from respec_plugin.tuner.channel import Schedule, StepRecord
 from respec_plugin.tuner.cost_model import AcceptanceModel, StepTimeModel, predicted_goodput
+
+
+class Estimate(NamedTuple):
+    """A bucket's tokens/s at one k, and whether it was measured (else the cost model predicted it)."""
+
+    tokens_per_s: float
+    measured: bool
 
 
 def bucket_ranges(bounds: Iterable[int], max_batch_size: int) -> list[tuple[int, int]]:
@@ -50,6 +59,8 @@ class Tuner:
         self.choice = [default_k] * len(self.ranges)
         self.exploring = [False] * len(self.ranges)
         self.version = 0
+        # Mean relative error of the step-time model on the last observed rollout: the margin a predicted k needs.
+        self.model_error = 0.0
         self._rng = random.Random(seed)
 
     # ----- evidence -----------------------------------------------------------------------------------------
@@ -65,7 +76,8 @@ class Tuner:
             if self.time_model.calibrated(self.config.min_steps):
                 errors = [abs(self.time_model.predict(s.batch_size, s.k, s.num_scheduled_tokens) - s.duration_s)
                           / s.duration_s for s in decode]
-                metrics["respec/tuner/step_time_error"] = sum(errors) / len(errors)
+                self.model_error = sum(errors) / len(errors)
+                metrics["respec/tuner/step_time_error"] = self.model_error
         forget = self.config.forget
         self.time_model.observe(decode, forget)
         self.acceptance.observe(requests, forget)
@@ -87,7 +99,7 @@ class Tuner:
 
     # ----- decision -----------------------------------------------------------------------------------------
 
-    def goodput_estimates(self, bucket: int) -> dict[int, float]:
+    def goodput_estimates(self, bucket: int) -> dict[int, Estimate]:
         """Tokens/s per candidate k in this bucket: measured if trusted, else predicted, else absent."""
         model_ready = self.time_model.calibrated(self.config.min_steps) and self.acceptance.calibrated
         start, end = self.ranges[bucket]
@@ -95,11 +107,21 @@ class Tuner:
         for k in range(self.config.k_max + 1):
             tokens, seconds, steps, batch_sum = self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))
             if steps >= self.config.min_steps and seconds > 0:
-                estimates[k] = tokens / seconds
+                estimates[k] = Estimate(tokens / seconds, measured=True)
             elif model_ready:
                 batch = self._typical_batch(bucket) or math.sqrt(start * end)
-                estimates[k] = predicted_goodput(self.time_model, self.acceptance, round(batch), k)
+                estimates[k] = Estimate(predicted_goodput(self.time_model, self.acceptance, round(batch), k), False)
         return estimates
+
+    def _best_k(self, estimates: dict[int, Estimate]) -> int:
+        """The k of the highest tokens/s; a predicted one only by more than the model's error over the best measured."""
+        best = max(estimates, key=lambda k: (estimates[k].tokens_per_s, -k))
+        measured = [k for k, estimate in estimates.items() if estimate.measured]
+        if estimates[best].measured or not measured:
+            return best
+        best_measured = max(measured, key=lambda k: (estimates[k].tokens_per_s, -k))
+        margin = 1 + self.model_error
+        return best if estimates[best].tokens_per_s > margin * estimates[best_measured].tokens_per_s else best_measured
 
     def _typical_batch(self, bucket: int) -> float | None:
         steps = sum(self.measured[key][2] for key in self.measured if key[0] == bucket)
@@ -124,7 +146,7 @@ class Tuner:
                     continue
                 best = self.default_k  # nothing measured: the configured k
             else:
-                best = max(estimates, key=lambda k: (estimates[k], -k))
+                best = self._best_k(estimates)
             explore = self.config.explore > 0 and self._rng.random() < self.config.explore
             if explore:
                 neighbours = sorted({best - 1, best + 1, 0} & set(range(self.config.k_max + 1)) - {best})
@@ -160,6 +182,7 @@ class Tuner:
             "measured": [[bucket, k, *stats] for (bucket, k), stats in self.measured.items()],
             "choice": list(self.choice),
             "version": self.version,
+            "model_error": self.model_error,
             # The exploration coin: a resumed run explores exactly as the uninterrupted one would have.
             "rng": _jsonable(self._rng.getstate()),
         }
@@ -176,6 +199,7 @@ class Tuner:
         self.choice = [int(k) for k in state["choice"]]
         self.exploring = [False] * len(self.ranges)
         self.version = int(state["version"])
+        self.model_error = float(state.get("model_error", 0.0))  # absent in states saved before it was kept
         if "rng" in state:  # absent in states saved before it was kept
             self._rng.setstate(_tuples(state["rng"]))
 
