@@ -80,7 +80,8 @@ class RecordedSteps:
     def __init__(self, lab, record_dir: Path, top_k: int):
         self.paths = sorted(record_dir.glob("step_*.pt"))
         if len(self.paths) < 2:
-            raise SystemExit(f"{record_dir} holds {len(self.paths)} recorded steps; record a run first (no --skip-record)")
+            raise SystemExit(f"{record_dir} holds {len(self.paths)} recorded steps; record a run first "
+                             "(leave out --skip-record)")
         self.actor = ActorMirror(lab.actor_dir)  # the lab's actor: the one that generated the first rollout
         reference, _ = load_drafter(lab.drafter_dir, self.actor.model.get_input_embeddings().weight)
         self.steps, self.trajectories = [], []

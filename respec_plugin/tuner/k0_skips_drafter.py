@@ -25,7 +25,8 @@ from respec_plugin.import_hooks import after_import
 logger = logging.getLogger(__name__)
 
 MODEL_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
-# Key of vLLM's ``additional_config`` that switches the skip on (set by the respec server from ``tuner.k0_skips_drafter``).
+# Key of vLLM's ``additional_config`` that switches the skip on (the respec server sets it from
+# ``tuner.k0_skips_drafter``).
 K0_SKIPS_DRAFTER_KEY = "respec_k0_skips_drafter"
 
 
@@ -36,7 +37,7 @@ def register() -> None:
 
 def skips_drafter(runner) -> bool:
     """Whether this model runner skips the drafter at k = 0 (decided once per runner)."""
-    skips = getattr(runner, "_respec_k0_skips_drafter", None)
+    skips = getattr(runner, "_respec_skips_drafter_at_k0", None)
     if skips is None:
         spec = runner.speculative_config
         skips = bool(
@@ -45,7 +46,7 @@ def skips_drafter(runner) -> bool:
             and spec.use_eagle()
             and not spec.disable_padded_drafter_batch
         )
-        runner._respec_k0_skips_drafter = skips
+        runner._respec_skips_drafter_at_k0 = skips
         if skips:
             logger.info("respec: engine steps with k = 0 skip the EAGLE drafter's forward")
     return skips

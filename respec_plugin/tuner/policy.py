@@ -4,12 +4,12 @@ Each bucket compares its candidates k = 0..k_max by tokens/s: measured where the
 ``min_steps`` decode steps, predicted by the cost model elsewhere (optimistic guesses get measured, and corrected,
 at the next update). A predicted k replaces the best measured one only if it beats it by more than the cost model's
 own error on the last rollout (``respec/tuner/step_time_error``): a prediction within the model's error is no
-evidence, and switching on it serves untried ks as if they were measured. With no estimate for SD-off yet, a bucket keeps the configured k (the safe default): k > 0
-is chosen only where it beats SD-off's estimate. A bucket that has run with speculation but has no SD-off estimate
-runs SD-off at the next update: that measures the anchor every k is compared with, and gives the step-time model a
-second k so it can predict the others (waiting for random exploration to do this took tens of RL steps). With
-probability ``explore`` a bucket tries a neighbouring k or SD-off instead, so every estimate stays fresh as the
-drafter and the actor change.
+evidence, and switching on it serves untried ks as if they were measured. With no estimate for SD-off yet, a
+bucket keeps the configured k (the safe default): k > 0 is chosen only where it beats SD-off's estimate. A bucket
+that has run with speculation but has no SD-off estimate runs SD-off at the next update: that measures the anchor
+every k is compared with, and gives the step-time model a second k so it can predict the others (waiting for
+random exploration to do this took tens of RL steps). With probability ``explore`` a bucket tries a neighbouring k
+or SD-off instead, so every estimate stays fresh as the drafter and the actor change.
 """
 
 from __future__ import annotations
