@@ -46,8 +46,9 @@ def test_hooked_trainer_is_verls_own_class_underneath():
 
     hooked = get_trainer_cls("sync")
     assert hooked.__mro__[2] is PPOTrainerSync
-    # verl's training loop itself is untouched; respec only extends its hooks (and calls super() in each).
-    assert hooked.fit is PPOTrainerSync.fit and hooked._update_actor is PPOTrainerSync._update_actor
+    # verl's training loop and step pipeline are untouched; respec only extends its hooks (and calls super() in each,
+    # ``_update_actor`` included: the overlapped learner starts there).
+    assert hooked.fit is PPOTrainerSync.fit and hooked._step_once is PPOTrainerSync._step_once
 
 
 def test_broken_registration_is_logged_loudly():
