@@ -39,7 +39,7 @@ from respec_plugin.rollout.spec_stats import request_stats
 from respec_plugin.tuner.channel import take_steps, write_schedule
 from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
 from respec_plugin.tuner.policy import Tuner
-from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS
+from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS, use_v1_model_runner
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -136,6 +136,7 @@ def run(args) -> dict:
     report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args)}
 
     # The engines stay up for the whole run, so every configuration is measured under the same conditions.
+    use_v1_model_runner()  # as respec's server does with the tuner on (vLLM's V2 runner ignores the per-step k)
     plain = engine(lab, None)
     generate(plain, prompts[:4], [8] * 4)  # warm-up
     control_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-")

@@ -1,7 +1,8 @@
 """The tuner's vLLM scheduler on vLLM CPU with the tiny lab: a schedule installed into the running engine
 takes effect at the next step (drafted-token counts follow it, per batch size), every k is lossless (greedy
 outputs token-identical to plain vLLM), and the step records it writes describe what ran. With
-``tuner.k0_skips_drafter`` the drafter runs in no decode step at k = 0, and outputs stay the same."""
+``tuner.k0_skips_drafter`` the drafter skips the decode steps at k = 0 that verify nothing, and outputs stay the
+same."""
 
 import gc
 
