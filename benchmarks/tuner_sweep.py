@@ -27,19 +27,17 @@ import json
 import logging
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from respec_plugin.config import TunerConfig
+from respec_plugin.config import ReSpecConfig, TunerConfig
 from respec_plugin.lab.build import build_lab
 from respec_plugin.lab.data import read_problems
 from respec_plugin.lab.models import chat_prompt_ids
 from respec_plugin.rollout.spec_stats import request_stats
 from respec_plugin.tuner.channel import take_steps, write_schedule
-from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY
 from respec_plugin.tuner.policy import Tuner
-from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS, use_v1_model_runner
+from respec_plugin.tuner.service import EngineTuner
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,20 +47,21 @@ K_MAX = 6
 MAX_NUM_SEQS = 256
 
 
-def engine(lab, control_dir: str | None, k0_skips_drafter: bool = True):
+def engine(lab, tuned: bool, k0_skips_drafter: bool = True):
+    """(LLM, control directory): a plain engine (no directory), or an EAGLE-3 one set up by the same code as respec's
+    server with the tuner on (speculative config, scheduler, control directory, model runner)."""
     from vllm import LLM
 
     kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.3,
                   kv_cache_memory_bytes=2 << 30, seed=0, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=4096)
-    if control_dir is not None:
-        kwargs.update(
-            speculative_config={"method": "eagle3", "model": lab.drafter_dir, "num_speculative_tokens": K_MAX,
-                                "num_speculative_tokens_per_batch_size": [(1, 1, K_MAX)]},
-            per_request_spec_decode_metrics="detailed",
-            scheduler_cls=SCHEDULER_CLS,
-            additional_config={CONTROL_DIR_KEY: control_dir, K0_SKIPS_DRAFTER_KEY: k0_skips_drafter},
-        )
-    return LLM(model=lab.actor_dir, **kwargs)
+    if not tuned:
+        return LLM(model=lab.actor_dir, **kwargs), None
+    respec = ReSpecConfig(drafter_path=lab.drafter_dir, num_speculative_tokens=K_MAX,
+                          tuner=TunerConfig(mode="static", k_max=K_MAX, k0_skips_drafter=k0_skips_drafter))
+    engine_tuner = EngineTuner(respec, MAX_NUM_SEQS)  # only its engine set-up: the benchmark drives the schedules
+    kwargs.update(speculative_config=respec.speculative_config(), per_request_spec_decode_metrics="detailed")
+    engine_tuner.configure_engine(kwargs, data_parallel_size=1)
+    return LLM(model=lab.actor_dir, **kwargs), engine_tuner.control_dir
 
 
 def shutdown(llm) -> None:
@@ -136,16 +135,12 @@ def run(args) -> dict:
     report: dict = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args)}
 
     # The engines stay up for the whole run, so every configuration is measured under the same conditions.
-    use_v1_model_runner()  # as respec's server does with the tuner on (vLLM's V2 runner ignores the per-step k)
-    plain = engine(lab, None)
+    plain, _ = engine(lab, tuned=False)
     generate(plain, prompts[:4], [8] * 4)  # warm-up
-    control_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-")
-    write_schedule(control_dir, [(1, 1, K_MAX)], 0)
-    speculative = engine(lab, control_dir)
+    speculative, control_dir = engine(lab, tuned=True)
     generate(speculative, prompts[:4], [8] * 4)
-    kept_dir = tempfile.mkdtemp(prefix="respec-tuner-bench-kept-")
+    drafter_kept, kept_dir = engine(lab, tuned=True, k0_skips_drafter=False)
     write_schedule(kept_dir, [(1, MAX_NUM_SEQS, 0)], 0)
-    drafter_kept = engine(lab, kept_dir, k0_skips_drafter=False)
     generate(drafter_kept, prompts[:4], [8] * 4)
 
     # The tuner: calibration rounds (its own runs only), then measured with its greedy schedule.
