@@ -29,9 +29,8 @@ DASHBOARD_FILE = "respec_dashboard.png"  # in trainer.default_local_dir: at the 
 class ReSpecTrainerMixin:
     """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
     online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync (or alongside
-    the update, ``learner.overlap``). At the last
-    step and at every checkpoint it draws the run's respec dashboard (``respec_plugin.report``) into the checkpoint
-    root."""
+    the update, ``learner.overlap``). At the last step and at every checkpoint it draws the run's respec dashboard
+    (``respec_plugin.report``) into the checkpoint root."""
 
     _respec_learner = None  # respec_plugin.learner.trainer_hook.LearnerHook when the learner is on
     _respec_learner_metrics: dict = {}
