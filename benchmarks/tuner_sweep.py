@@ -13,10 +13,12 @@
    batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
 The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
 its current schedule, exploring as configured, with one update per round (as between RL steps); it is then
-measured with its greedy schedule. Both engines stay up and the configurations are measured interleaved,
-``--repeats`` times in random order, keeping the median (a 2-core machine drifts by ~20% over minutes, so
-measuring one configuration after the other compares the machine's moods). Writes
-benchmarks/results/tuner_sweep.json (medians and every sample) and .png.
+measured with its greedy schedule. The engines stay up and the configurations are measured interleaved per cell
+(batch size or long tail): every configuration once, in a fresh random order, ``--repeats`` times after one
+unmeasured warm-up repeat. Ratios are medians of the ratios within a repeat (the two numbers were measured seconds
+apart: a 2-core machine drifts by ~20% over minutes); the engine steps each EAGLE-3 cell took are kept too, so
+the tuner can be checked against the static k its schedule runs there (the same computation). Writes
+benchmarks/results/tuner_sweep.json (medians, ratios and every sample) and .png.
 """
 
 from __future__ import annotations
@@ -167,40 +169,53 @@ def run(args) -> dict:
     greedy.load_state_dict(tuner.state_dict())
     tuner_schedule = greedy.schedule()
 
-    # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved:
-    # each repeat measures every configuration once, in a fresh random order (a configuration measured right after
-    # the same neighbour every time ran ~10% slower than the same k measured elsewhere), keeping the median.
+    # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved per
+    # cell: at each batch size (and the long tail) every configuration runs once, in a fresh random order, so the
+    # configurations compared in a cell ran within seconds of each other (the machine drifts by ~20% over minutes:
+    # measuring one configuration's whole sweep after the other's compared the machine's moods). A first, unmeasured
+    # repeat runs every configuration once (the tuner's schedule had already run in calibration, the static ones not).
     # "k=0" is SD-off inside the EAGLE-3 engine: what the tuner's k = 0 costs against the plain engine
     # ("k=0_drafter_kept": the same in vLLM's own way, on the third engine, whose schedule never changes).
     schedules = {"sd_off": None, **{f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in (0, *STATIC_KS)},
                  "k=0_drafter_kept": None, "tuner": tuner_schedule}
     engines = {"sd_off": plain, "k=0_drafter_kept": drafter_kept}
     names = list(schedules)
-    samples: dict = {name: {"sweep": {str(b): [] for b in BATCH_SIZES}, "long_tail": []} for name in names}
+    cells = [*map(str, BATCH_SIZES), "long_tail"]
+    samples: dict = {name: {cell: [] for cell in cells} for name in names}
+    engine_steps: dict = {name: {cell: [] for cell in cells} for name in names if engines.get(name) is None}
     version = greedy.version
     trace = []
     order = random.Random(args.seed)
-    for repeat in range(args.repeats):
-        for name in order.sample(names, len(names)):
-            llm = engines.get(name, speculative)
-            if schedules[name] is not None:
-                version += 1
-                install(control_dir, schedules[name], version)
-            for b in BATCH_SIZES:
-                samples[name]["sweep"][str(b)].append(measure_sweep(llm, workloads, b)[0])
-            if schedules[name] is not None:
-                take_steps(control_dir)
-            tokens, seconds, _ = generate(llm, *workloads.long_tail())
-            samples[name]["long_tail"].append(tokens / seconds)
-            if name == "tuner":
-                trace = take_steps(control_dir)
-        save_partial({**report, "calibration": calibration, "samples": samples})
+    for repeat in range(-1, args.repeats):  # -1: the warm-up repeat
+        for cell in cells:
+            for name in order.sample(names, len(names)):
+                llm = engines.get(name, speculative)
+                if llm is speculative:
+                    version += 1
+                    install(control_dir, schedules[name], version)
+                if cell == "long_tail":
+                    tokens, seconds, _ = generate(llm, *workloads.long_tail())
+                    tokens_per_s = tokens / seconds
+                else:
+                    tokens_per_s = measure_sweep(llm, workloads, int(cell))[0]
+                steps = take_steps(control_dir) if llm is speculative else []
+                if repeat < 0:
+                    continue
+                samples[name][cell].append(tokens_per_s)
+                if llm is speculative:
+                    # Engine steps per cell: the same k gives the same count in any schedule (same computation).
+                    engine_steps[name][cell].append(len(steps))
+                    if name == "tuner" and cell == "long_tail":
+                        trace = steps
+        if repeat >= 0:
+            save_partial({**report, "calibration": calibration, "samples": samples})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
     for llm in (drafter_kept, speculative, plain):
         shutdown(llm)
 
     report["samples"] = samples
-    report["sweep"] = {name: {b: statistics.median(v) for b, v in samples[name]["sweep"].items()} for name in names}
+    report["engine_steps"] = engine_steps
+    report["sweep"] = {name: {b: statistics.median(samples[name][b]) for b in map(str, BATCH_SIZES)} for name in names}
     report["long_tail"] = {name: {"tokens_per_s": statistics.median(samples[name]["long_tail"])} for name in names}
     report["tuner"] = {"schedule": tuner_schedule, "calibration": calibration, "state": greedy.state_dict(),
                        "long_tail_trace": [{"t": s.end_time - trace[0].end_time, "batch_size": s.batch_size, "k": s.k}
@@ -209,21 +224,30 @@ def run(args) -> dict:
     return report
 
 
+def paired_ratio(samples: dict, a: str, b: str, cell: str) -> float:
+    """Median over repeats of a's tokens/s over b's in the same repeat of this cell (measured seconds apart)."""
+    return statistics.median(x / y for x, y in zip(samples[a][cell], samples[b][cell]))
+
+
 def ratios(report: dict) -> dict:
-    sweep, tail = report["sweep"], report["long_tail"]
+    samples, sweep, tail = report["samples"], report["sweep"], report["long_tail"]
     static = [f"k={k}" for k in STATIC_KS]
     out = {"by_batch": {}}
     for b in map(str, BATCH_SIZES):
-        best = max(static, key=lambda name: sweep[name][b])
-        out["by_batch"][b] = {"best_static": best, "tuner_vs_best_static": sweep["tuner"][b] / sweep[best][b],
-                              "tuner_vs_sd_off": sweep["tuner"][b] / sweep["sd_off"][b],
-                              "best_static_vs_sd_off": sweep[best][b] / sweep["sd_off"][b],
-                              "k0_in_eagle_engine_vs_sd_off": sweep["k=0"][b] / sweep["sd_off"][b],
-                              "k0_drafter_kept_vs_sd_off": sweep["k=0_drafter_kept"][b] / sweep["sd_off"][b]}
+        best = max(static, key=lambda name: sweep[name][b])  # by median tokens/s
+        tuner_k = next(k for start, end, k in report["tuner"]["schedule"] if start <= int(b) <= end)
+        out["by_batch"][b] = {"best_static": best, "tuner_k": tuner_k,
+                              "tuner_vs_best_static": paired_ratio(samples, "tuner", best, b),
+                              "tuner_vs_sd_off": paired_ratio(samples, "tuner", "sd_off", b),
+                              # The same computation in two schedules: ~1.0 unless the measurement is off.
+                              "tuner_vs_static_of_its_k": paired_ratio(samples, "tuner", f"k={tuner_k}", b),
+                              "best_static_vs_sd_off": paired_ratio(samples, best, "sd_off", b),
+                              "k0_in_eagle_engine_vs_sd_off": paired_ratio(samples, "k=0", "sd_off", b),
+                              "k0_drafter_kept_vs_sd_off": paired_ratio(samples, "k=0_drafter_kept", "sd_off", b)}
     best_tail = max(static, key=lambda name: tail[name]["tokens_per_s"])
     out["long_tail"] = {"best_static": best_tail,
-                        "tuner_vs_best_static": tail["tuner"]["tokens_per_s"] / tail[best_tail]["tokens_per_s"],
-                        "tuner_vs_sd_off": tail["tuner"]["tokens_per_s"] / tail["sd_off"]["tokens_per_s"]}
+                        "tuner_vs_best_static": paired_ratio(samples, "tuner", best_tail, "long_tail"),
+                        "tuner_vs_sd_off": paired_ratio(samples, "tuner", "sd_off", "long_tail")}
     return out
 
 
