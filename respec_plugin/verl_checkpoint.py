@@ -68,12 +68,20 @@ def restore_folder(trainer_config, resumed_step: int, name: str) -> Path | None:
 @contextlib.contextmanager
 def written_atomically(path: Path) -> Iterator[Path]:
     """Yields a temporary sibling of ``path`` to write into (a file or a directory), renamed to ``path`` when the
-    block ends without error: a run killed mid-save leaves the previous ``path`` or none, never half of one."""
+    block ends without error: a run killed mid-save leaves the previous ``path``, never half of one. A file is
+    replaced in one rename; a directory saved again (the same step) in two, the old one moved aside first, so only
+    a kill between those two renames leaves none (resume then restores the step before, ``restore_folder``)."""
     partial = path.with_name(path.name + ".partial")
     _remove(partial)
     yield partial
-    _remove(path)  # the same step saved again
-    os.replace(partial, path)
+    if path.is_dir():  # os.replace cannot replace a non-empty directory
+        stale = path.with_name(path.name + ".stale")
+        _remove(stale)
+        os.replace(path, stale)
+        os.replace(partial, path)
+        _remove(stale)
+    else:
+        os.replace(partial, path)
 
 
 def _remove(path: Path) -> None:
