@@ -182,7 +182,7 @@ def run(args) -> dict:
     names = list(schedules)
     cells = [*map(str, BATCH_SIZES), "long_tail"]
     samples: dict = {name: {cell: [] for cell in cells} for name in names}
-    engine_steps: dict = {name: {cell: [] for cell in cells} for name in names if engines.get(name) is None}
+    engine_steps: dict = {name: {cell: [] for cell in cells} for name in names if name not in engines}
     version = greedy.version
     trace = []
     order = random.Random(args.seed)
@@ -203,7 +203,7 @@ def run(args) -> dict:
                     continue
                 samples[name][cell].append(tokens_per_s)
                 if llm is speculative:
-                    # Engine steps per cell: the same k gives the same count in any schedule (same computation).
+                    # Engine steps per cell: a schedule running the same k here takes as many (the same computation).
                     engine_steps[name][cell].append(len(steps))
                     if name == "tuner" and cell == "long_tail":
                         trace = steps
