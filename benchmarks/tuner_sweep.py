@@ -115,6 +115,14 @@ def measure_sweep(llm, workloads, batch_size) -> tuple[float, list[dict]]:
     return tokens / seconds, records
 
 
+def measure_cell(llm, workloads, cell: str) -> float:
+    """Tokens/s of one cell: a batch size of the sweep, or the long-tail rollout."""
+    if cell == "long_tail":
+        tokens, seconds, _ = generate(llm, *workloads.long_tail())
+        return tokens / seconds
+    return measure_sweep(llm, workloads, int(cell))[0]
+
+
 def save_partial(report: dict) -> None:
     """What is measured so far, in case the run is cut short (the full report replaces it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -189,26 +197,21 @@ def run(args) -> dict:
     for repeat in range(-1, args.repeats):  # -1: the warm-up repeat
         for cell in cells:
             for name in order.sample(names, len(names)):
-                llm = engines.get(name, speculative)
-                if llm is speculative:
+                if name in engine_steps:  # an EAGLE-3 configuration: its schedule, installed
                     version += 1
                     install(control_dir, schedules[name], version)
-                if cell == "long_tail":
-                    tokens, seconds, _ = generate(llm, *workloads.long_tail())
-                    tokens_per_s = tokens / seconds
-                else:
-                    tokens_per_s = measure_sweep(llm, workloads, int(cell))[0]
-                steps = take_steps(control_dir) if llm is speculative else []
+                tokens_per_s = measure_cell(engines.get(name, speculative), workloads, cell)
+                steps = take_steps(control_dir)  # none unless the tuned engine ran
                 if repeat < 0:
                     continue
                 samples[name][cell].append(tokens_per_s)
-                if llm is speculative:
+                if name in engine_steps:
                     # Engine steps per cell: a schedule running the same k here takes as many (the same computation).
                     engine_steps[name][cell].append(len(steps))
-                    if name == "tuner" and cell == "long_tail":
-                        trace = steps
+                if name == "tuner" and cell == "long_tail":
+                    trace = steps
         if repeat >= 0:
-            save_partial({**report, "calibration": calibration, "samples": samples})
+            save_partial({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
     for llm in (drafter_kept, speculative, plain):
         shutdown(llm)
