@@ -1,6 +1,7 @@
 """The file channel between the respec server (tuner) and its vLLM engine-core process (scheduler).
 
-The schedule goes in (``schedule.json``, replaced atomically); measured engine steps come out (``steps.jsonl``,
+The schedule goes in (``schedule.json``, replaced atomically), with an optional alternate schedule that the
+scheduler runs in every other block of steps (the tuner's paired trials); measured engine steps come out (``steps.jsonl``,
 appended by the scheduler, taken by the server with an atomic rename). Files work wherever the engine core runs
 next to the server, which vLLM guarantees for the ``AsyncLLM`` it spawns, and need no vLLM API (none reaches
 the scheduler at run time: ``collective_rpc`` goes to the workers). This module imports nothing from vLLM.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 SCHEDULE_FILE = "schedule.json"
 STEPS_FILE = "steps.jsonl"
@@ -37,6 +39,8 @@ class StepRecord:
     end_time: float
     # Version of the installed schedule (-1: the one the engine started with).
     schedule_version: int
+    # Whether the step ran the installed alternate schedule (a trial block) rather than the main one.
+    alternate: bool = False
 
     @property
     def is_decode(self) -> bool:
@@ -44,18 +48,35 @@ class StepRecord:
         return self.num_scheduled_tokens == self.batch_size + self.num_draft_tokens
 
 
-def write_schedule(control_dir: str, schedule: Schedule, version: int) -> None:
-    """Install ``schedule`` for the scheduler to pick up at its next step (atomic: never half-read)."""
+class Installed(NamedTuple):
+    """What :func:`write_schedule` installed; ``alternate`` is None when there is no trial to alternate with."""
+
+    schedule: Schedule
+    version: int
+    alternate: Schedule | None = None
+
+
+def write_schedule(control_dir: str, schedule: Schedule, version: int, alternate: Schedule | None = None) -> None:
+    """Install ``schedule`` (and ``alternate``, run in every other block of steps) for the scheduler to pick up at
+    its next step (atomic: never half-read)."""
     tmp = os.path.join(control_dir, f".{SCHEDULE_FILE}.{os.getpid()}")
+    data = {"version": version, "schedule": [list(entry) for entry in schedule]}
+    if alternate is not None:
+        data["alternate"] = [list(entry) for entry in alternate]
     with open(tmp, "w") as f:
-        json.dump({"version": version, "schedule": [list(entry) for entry in schedule]}, f)
+        json.dump(data, f)
     os.replace(tmp, os.path.join(control_dir, SCHEDULE_FILE))
 
 
-def read_schedule(control_dir: str) -> tuple[Schedule, int]:
+def read_schedule(control_dir: str) -> Installed:
     with open(os.path.join(control_dir, SCHEDULE_FILE)) as f:
         data = json.load(f)
-    return [tuple(int(x) for x in entry) for entry in data["schedule"]], int(data["version"])
+
+    def entries(schedule: list) -> Schedule:
+        return [tuple(int(x) for x in entry) for entry in schedule]
+
+    alternate = data.get("alternate")
+    return Installed(entries(data["schedule"]), int(data["version"]), None if alternate is None else entries(alternate))
 
 
 def schedule_stamp(control_dir: str) -> tuple[int, int, int] | None:

@@ -15,6 +15,9 @@ How k reaches the engine (vLLM 0.31 sources):
 - Hence this subclass only replaces ``dynamic_sd_lookup`` between steps. The schedule comes through a file in
   the control directory named by ``additional_config["respec_tuner_dir"]`` (see respec_plugin/tuner/channel.py:
   no vLLM API reaches the scheduler in the engine-core process), polled with one ``stat`` per step.
+- An installed schedule may come with an alternate one (the tuner's paired trials: another k in some buckets).
+  The scheduler then swaps ``dynamic_sd_lookup`` between the two every ``ALTERNATE_BLOCK_STEPS`` steps, so both
+  run within seconds of each other, on the same requests, and each step's record says which one ran.
 - The same subclass measures every step (batch size, k, verified drafts, generated tokens, wall time between
   step ends) and appends the records there: the tuner's cost model is fitted on what the engine really spent.
 
@@ -41,6 +44,9 @@ from respec_plugin.tuner.service import CONTROL_DIR_KEY, SCHEDULER_CLS
 logger = logging.getLogger(__name__)
 # Step records are written at most this often while busy, and always when the engine runs out of requests.
 _FLUSH_INTERVAL_S = 0.5
+# Steps per block of one schedule while a trial alternates two: long enough that the step switching k (it verifies
+# the old k's drafts) is a small share, short enough that both see the same batch sizes as a rollout drains.
+ALTERNATE_BLOCK_STEPS = 8
 
 
 class ReSpecScheduler(Scheduler):
@@ -60,6 +66,9 @@ class ReSpecScheduler(Scheduler):
         self.respec_control_dir = control_dir
         self.respec_schedule_version = -1
         self._schedule_stamp: tuple[int, int, int] | None = None
+        # (main, alternate) lookups while a trial runs, and the steps scheduled since they were installed.
+        self._lookups: tuple[list[int], list[int]] | None = None
+        self._steps_since_install = 0
         self._pending: dict[int, tuple[float, int, int, int, int]] = {}
         self._busy_since: float | None = None
         self._records: list[StepRecord] = []
@@ -74,8 +83,12 @@ class ReSpecScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         start = time.perf_counter()
         self._poll_schedule()
+        alternate = self._lookups is not None and (self._steps_since_install // ALTERNATE_BLOCK_STEPS) % 2 == 1
+        if self._lookups is not None:
+            self.dynamic_sd_lookup = self._lookups[alternate]
         output = super().schedule(*args, **kwargs)
         if output.total_num_scheduled_tokens > 0:
+            self._steps_since_install += 1
             num_draft_tokens = sum(len(ids) for ids in output.scheduled_spec_decode_tokens.values())
             self._pending[id(output)] = (
                 start,
@@ -83,6 +96,7 @@ class ReSpecScheduler(Scheduler):
                 output.num_spec_tokens_to_schedule,
                 num_draft_tokens,
                 output.total_num_scheduled_tokens,
+                alternate,
             )
         return output
 
@@ -91,7 +105,7 @@ class ReSpecScheduler(Scheduler):
         pending = self._pending.pop(id(scheduler_output), None)
         if pending is not None:
             end = time.perf_counter()
-            start, batch_size, k, num_draft_tokens, num_scheduled_tokens = pending
+            start, batch_size, k, num_draft_tokens, num_scheduled_tokens, alternate = pending
             self._records.append(
                 StepRecord(
                     batch_size=batch_size,
@@ -102,6 +116,7 @@ class ReSpecScheduler(Scheduler):
                     duration_s=end - (start if self._busy_since is None else self._busy_since),
                     end_time=time.time(),
                     schedule_version=self.respec_schedule_version,
+                    alternate=alternate,
                 )
             )
             # The next step starts right away when requests remain; otherwise idle time must not count.
@@ -118,21 +133,28 @@ class ReSpecScheduler(Scheduler):
         if stamp == self._schedule_stamp:
             return
         self._schedule_stamp = stamp
-        schedule, version = read_schedule(self.respec_control_dir)
+        schedule, version, alternate = read_schedule(self.respec_control_dir)
         if self.dynamic_sd_lookup is None:
             return
         try:
-            self.dynamic_sd_lookup = build_dynamic_sd_schedule_lookup(
-                schedule,
-                vllm_max_batch_size=self.scheduler_config.max_num_seqs,
-                vllm_num_speculative_tokens=self.num_spec_tokens,
-            )
+            main, *trial = [
+                build_dynamic_sd_schedule_lookup(
+                    entries,
+                    vllm_max_batch_size=self.scheduler_config.max_num_seqs,
+                    vllm_num_speculative_tokens=self.num_spec_tokens,
+                )
+                for entries in (schedule, *([alternate] if alternate is not None else []))
+            ]
         except ValueError as e:
-            logger.error("respec: schedule v%d %s rejected, keeping v%d: %s", version, schedule,
-                         self.respec_schedule_version, e)
+            logger.error("respec: schedule v%d %s (alternate %s) rejected, keeping v%d: %s", version, schedule,
+                         alternate, self.respec_schedule_version, e)
             return
+        self.dynamic_sd_lookup = main
+        self._lookups = (main, trial[0]) if trial else None
+        self._steps_since_install = 0
         self.respec_schedule_version = version
-        logger.info("respec: speculative schedule v%d installed: %s", version, schedule)
+        logger.info("respec: speculative schedule v%d installed: %s%s", version, schedule,
+                    f", alternating with {alternate}" if alternate is not None else "")
 
 
 class ReSpecAsyncScheduler(ReSpecScheduler, AsyncScheduler):

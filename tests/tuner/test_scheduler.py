@@ -16,7 +16,7 @@ from respec_plugin.lab.data import read_problems  # noqa: E402
 from respec_plugin.lab.models import chat_prompt_ids  # noqa: E402
 from respec_plugin.tuner.channel import take_steps, write_schedule  # noqa: E402
 from respec_plugin.tuner.k0_skips_drafter import K0_SKIPS_DRAFTER_KEY  # noqa: E402
-from respec_plugin.tuner.scheduler import CONTROL_DIR_KEY, SCHEDULER_CLS  # noqa: E402
+from respec_plugin.tuner.scheduler import ALTERNATE_BLOCK_STEPS, CONTROL_DIR_KEY, SCHEDULER_CLS  # noqa: E402
 
 K_MAX = 4
 NUM_PROMPTS = 6
@@ -56,9 +56,11 @@ def _tuned_engine(tiny_lab, control_dir: str, **additional_config):
 
 
 def _serve(llm, control_dir: str, prompts, schedules) -> dict:
+    """Generate under each schedule in turn: a schedule, or (schedule, alternate) for a trial."""
     served = {}
     for version, (name, schedule) in enumerate(schedules.items()):
-        write_schedule(control_dir, schedule, version)
+        schedule, alternate = schedule if isinstance(schedule, tuple) else (schedule, None)
+        write_schedule(control_dir, schedule, version, alternate)
         take_steps(control_dir)
         tokens, metrics = _generate(llm, prompts)
         served[name] = {"version": version, "tokens": tokens, "metrics": metrics, "steps": take_steps(control_dir)}
@@ -67,6 +69,8 @@ def _serve(llm, control_dir: str, prompts, schedules) -> dict:
 
 # Off while 3+ requests run, deep speculation in the tail.
 TAIL_SCHEDULE = [(1, 2, K_MAX), (3, MAX_NUM_SEQS, 0)]
+# A trial: k=2 everywhere, alternating with the tail schedule.
+TRIAL = ([(1, MAX_NUM_SEQS, 2)], TAIL_SCHEDULE)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,7 @@ def runs(tiny_lab, prompts, tmp_path_factory):
     llm = _tuned_engine(tiny_lab, control_dir)
     schedules = {f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in range(K_MAX + 1)}
     schedules["tail"] = TAIL_SCHEDULE
+    schedules["trial"] = TRIAL
     served = _serve(llm, control_dir, prompts, schedules)
     _shutdown(llm)
     return plain_tokens, served
@@ -122,7 +127,7 @@ def _count_drafter_forwards(worker, forwards: list) -> None:
     drafter.forward = counted
 
 
-@pytest.mark.parametrize("name", [f"k={k}" for k in range(K_MAX + 1)] + ["tail"])
+@pytest.mark.parametrize("name", [f"k={k}" for k in range(K_MAX + 1)] + ["tail", "trial"])
 def test_lossless_for_every_schedule(runs, name):
     plain_tokens, served = runs
     assert served[name]["tokens"] == plain_tokens
@@ -149,6 +154,21 @@ def test_schedule_follows_batch_size(runs):
     # The long tail speculated: tail steps generated more than one token per request on average.
     tail = [s for s in steps if s.batch_size <= 2 and s.num_draft_tokens > 0]
     assert sum(s.num_generated_tokens for s in tail) > 1.5 * sum(s.batch_size for s in tail)
+
+
+def test_a_trial_alternates_the_two_schedules_in_blocks(runs):
+    _, served = runs
+    steps = served["trial"]["steps"]
+    assert len(steps) > 2 * ALTERNATE_BLOCK_STEPS
+    assert [s.alternate for s in steps] == [(i // ALTERNATE_BLOCK_STEPS) % 2 == 1 for i in range(len(steps))]
+    for s in steps:
+        assert s.k == (dict(((b, k) for start, end, k in TAIL_SCHEDULE for b in range(start, end + 1)))[s.batch_size]
+                       if s.alternate else 2), s
+    # The drafts verified in a step are the ones the previous step asked for (the block's first step verifies the
+    # other schedule's).
+    for previous, s in zip(steps, steps[1:]):
+        if s.is_decode and s.batch_size == previous.batch_size:
+            assert s.num_draft_tokens == s.batch_size * previous.k, (previous, s)
 
 
 def test_step_records_account_for_every_token(runs):
