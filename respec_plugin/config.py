@@ -133,9 +133,11 @@ class TunerConfig:
     k_max: int = 6
     # Upper bounds of the batch-size buckets, increasing; one k per bucket (the last reaches max_num_seqs).
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    # Chance, per bucket and update, of trying a neighbouring k (or SD-off) instead of the best estimate.
+    # Chance, per bucket and update, of a trial of a neighbouring k (or SD-off) against the bucket's k, when no other
+    # trial is due (a trial runs the challenger in every other block of the bucket's steps).
     explore: float = 0.1
-    # Decode steps a (bucket, k) needs before its measured tokens/s is trusted over the cost model.
+    # Decode steps a (bucket, k) needs before its measured tokens/s is trusted over the cost model, and each side of
+    # a trial before it is settled.
     min_steps: int = 8
     # Weight old evidence keeps at each update (1.0 never forgets; lower follows the drafter and actor faster).
     forget: float = 0.8

@@ -1,15 +1,19 @@
 """The tuner's policy: one k (0 = speculation off) per batch-size bucket, maximizing goodput, exploring a little.
 
-Each bucket compares its candidates k = 0..k_max by tokens/s: measured where the engine ran that (bucket, k) for
-``min_steps`` decode steps, predicted by the cost model elsewhere (optimistic guesses get measured, and corrected,
-at the next update). A predicted k replaces the best measured one only if it beats it by more than the cost model's
-own error on the last rollout (``respec/tuner/step_time_error``): a prediction within the model's error is no
-evidence, and switching on it serves untried ks as if they were measured. With no estimate for SD-off yet, a
-bucket keeps the configured k (the safe default): k > 0 is chosen only where it beats SD-off's estimate. A bucket
-that has run with speculation but has no SD-off estimate runs SD-off at the next update: that measures the anchor
-every k is compared with, and gives the step-time model a second k so it can predict the others (waiting for
-random exploration to do this took tens of RL steps). With probability ``explore`` a bucket tries a neighbouring k
-or SD-off instead, so every estimate stays fresh as the drafter and the actor change.
+A bucket's k (its incumbent) changes only by a paired trial: the next rollout runs the incumbent and one challenger
+k in alternating blocks of engine steps (respec_plugin/tuner/scheduler.py), and the challenger takes over if its
+tokens/s over those same stretches is higher. Comparing tokens/s measured in different rollouts compared the
+machine's moods as much as the ks (a 2-core machine drifts by ~20% within minutes; the sweep's second run chose
+k = 3 where k = 1 was best from such numbers); a trial compares numbers measured seconds apart.
+
+Which challenger: SD-off first, wherever a bucket ran speculation without a trial against it (the anchor every k is
+compared with; it also gives the step-time model a second k to predict the others from). Then the k of the best
+tokens/s estimate, if that is not the incumbent and has not lost a trial to it: measured where the engine ran that
+(bucket, k) for ``min_steps`` decode steps, predicted by the cost model elsewhere; a predicted k counts only if it
+beats the best measured one by more than the cost model's own error on the last rollout
+(``respec/tuner/step_time_error``). Otherwise, with probability ``explore``, a neighbouring k or SD-off, so every
+estimate stays fresh as the drafter and the actor change. A trial runs until both sides have ``min_steps`` decode
+steps (a rarely visited bucket may take several rollouts); it costs at most half a bucket's steps.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ class Tuner:
         # measured[(bucket, k)] = [decayed tokens, decayed seconds, decayed steps, decayed Σ batch size]
         self.measured: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
         self.choice = [default_k] * len(self.ranges)
-        self.exploring = [False] * len(self.ranges)
+        # Per bucket: the k on trial against the incumbent (None: no trial), the trial's evidence
+        # [incumbent tokens, seconds, steps, challenger tokens, seconds, steps], and the ks that lost to the incumbent.
+        self.challenger: list[int | None] = [None] * len(self.ranges)
+        self.trial = [[0.0] * 6 for _ in self.ranges]
+        self.beaten: list[set[int]] = [set() for _ in self.ranges]
         self.version = 0
         # Mean relative error of the step-time model on the last observed rollout: the margin a predicted k needs.
         self.model_error = 0.0
@@ -67,11 +75,12 @@ class Tuner:
 
     def observe(self, steps: Iterable[StepRecord], requests: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         """Add one RL step's engine steps and request spec stats; return ``respec/tuner/*`` metrics about them."""
+        steps = list(steps)
         decode = [s for s in steps if s.is_decode and s.duration_s > 0]
         metrics: dict[str, float] = {}
         if decode:
             metrics["respec/tuner/k_mean"] = sum(s.k for s in decode) / len(decode)
-            explored = sum(1 for s in decode if s.schedule_version == self.version and self.exploring[self.bucket(s)])
+            explored = sum(1 for s in decode if self._on_trial(s) and s.alternate)
             metrics["respec/tuner/explore_frac"] = explored / len(decode)
             if self.time_model.calibrated(self.config.min_steps):
                 errors = [abs(self.time_model.predict(s.batch_size, s.k, s.num_scheduled_tokens) - s.duration_s)
@@ -89,7 +98,53 @@ class Tuner:
             stats[1] += s.duration_s
             stats[2] += 1.0
             stats[3] += s.batch_size
+        self._add_trial_evidence(steps)
+        settled = [self._settle(bucket) for bucket in range(len(self.ranges))]
+        if any(result is not None for result in settled):
+            metrics["respec/tuner/trials_settled"] = float(sum(result is not None for result in settled))
+            metrics["respec/tuner/trials_won"] = float(sum(bool(result) for result in settled))
         return metrics
+
+    def _on_trial(self, step: StepRecord) -> bool:
+        """Whether this step ran under the current schedule in a bucket with a trial."""
+        return step.schedule_version == self.version and self.challenger[self.bucket(step)] is not None
+
+    def _add_trial_evidence(self, steps: list[StepRecord]) -> None:
+        """Add the trial buckets' decode steps to their side of the trial. The first step of each block is left out:
+        it verifies drafts the other side proposed."""
+        previous = None
+        for step in steps:
+            switched = previous is None or previous.alternate != step.alternate
+            previous = step
+            if switched or not step.is_decode or step.duration_s <= 0 or not self._on_trial(step):
+                continue
+            bucket = self.bucket(step)
+            expected = self.challenger[bucket] if step.alternate else self.choice[bucket]
+            if step.k != expected:  # not the k the trial put there (should not happen): no evidence for it
+                continue
+            side = 3 if step.alternate else 0
+            evidence = self.trial[bucket]
+            evidence[side] += step.num_generated_tokens
+            evidence[side + 1] += step.duration_s
+            evidence[side + 2] += 1.0
+
+    def _settle(self, bucket: int) -> bool | None:
+        """End the bucket's trial once both sides have ``min_steps`` steps: True if the challenger won, False if it
+        lost, None while there is no trial or it goes on."""
+        challenger, evidence = self.challenger[bucket], self.trial[bucket]
+        if challenger is None or min(evidence[2], evidence[5]) < self.config.min_steps:
+            return None
+        incumbent_speed = evidence[0] / evidence[1] if evidence[1] > 0 else 0.0
+        challenger_speed = evidence[3] / evidence[4] if evidence[4] > 0 else 0.0
+        won = challenger_speed > incumbent_speed
+        if won:
+            self.beaten[bucket] = {self.choice[bucket]}
+            self.choice[bucket] = challenger
+        else:
+            self.beaten[bucket].add(challenger)
+        self.challenger[bucket] = None
+        self.trial[bucket] = [0.0] * 6
+        return won
 
     def bucket(self, step: StepRecord) -> int:
         for index, (start, end) in enumerate(self.ranges):
@@ -133,37 +188,43 @@ class Tuner:
                    for k in range(1, self.config.k_max + 1))
 
     def schedule(self) -> Schedule:
-        """Choose k for every bucket (static mode: the configured k everywhere) and return vLLM's schedule."""
+        """Choose every bucket's trial for the next rollout (static mode: the configured k everywhere, no trials) and
+        return the incumbents as vLLM's schedule; :meth:`alternate_schedule` has the challengers."""
         self.version += 1
         for bucket in range(len(self.ranges)):
             if self.config.mode == "static":
-                self.choice[bucket], self.exploring[bucket] = self.default_k, False
+                self.choice[bucket], self.challenger[bucket] = self.default_k, None
                 continue
-            estimates = self.goodput_estimates(bucket)
-            if 0 not in estimates:
-                if self._ran_speculation(bucket):  # nothing to compare its ks with: measure SD-off, the anchor
-                    self.choice[bucket], self.exploring[bucket] = 0, True
-                    continue
-                best = self.default_k  # nothing measured: the configured k
-            else:
-                best = self._best_k(estimates)
+            # One coin per bucket and update, drawn whatever is decided, so a resumed run draws as the original.
             explore = self.config.explore > 0 and self._rng.random() < self.config.explore
-            if explore:
-                neighbours = sorted({best - 1, best + 1, 0} & set(range(self.config.k_max + 1)) - {best})
-                steps = {k: self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] for k in neighbours}
-                best = min(neighbours, key=lambda k: (steps[k], k))
-            self.choice[bucket], self.exploring[bucket] = best, explore
+            if self.challenger[bucket] is None:
+                self.challenger[bucket] = self._next_challenger(bucket, explore)
         return self.current_schedule()
+
+    def _next_challenger(self, bucket: int, explore: bool) -> int | None:
+        incumbent = self.choice[bucket]
+        estimates = self.goodput_estimates(bucket)
+        if 0 not in estimates and incumbent != 0 and self._ran_speculation(bucket):
+            return 0  # nothing to compare its ks with: try SD-off, the anchor
+        if estimates:
+            best = self._best_k(estimates)
+            if best != incumbent and best not in self.beaten[bucket]:
+                return best
+        if explore:
+            neighbours = sorted({incumbent - 1, incumbent + 1, 0} & set(range(self.config.k_max + 1)) - {incumbent})
+            steps = {k: self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] for k in neighbours}
+            return min(neighbours, key=lambda k: (steps[k], k))
+        return None
 
     def current_schedule(self) -> Schedule:
         """The chosen k per bucket as vLLM's ``num_speculative_tokens_per_batch_size`` (equal neighbours merged)."""
-        schedule: Schedule = []
-        for (start, end), k in zip(self.ranges, self.choice):
-            if schedule and schedule[-1][2] == k:
-                schedule[-1] = (schedule[-1][0], end, k)
-            else:
-                schedule.append((start, end, k))
-        return schedule
+        return _merged(zip(self.ranges, self.choice))
+
+    def alternate_schedule(self) -> Schedule | None:
+        """The schedule of the trial blocks (the challengers where a bucket has one), or None without trials."""
+        if all(k is None for k in self.challenger):
+            return None
+        return _merged(zip(self.ranges, (c if c is not None else k for k, c in zip(self.choice, self.challenger))))
 
     def schedule_metrics(self) -> dict[str, float]:
         """The installed choice per bucket: ``respec/tuner/k_by_bucket/<start>-<end>``."""
@@ -181,6 +242,9 @@ class Tuner:
             "acceptance": self.acceptance.state_dict(),
             "measured": [[bucket, k, *stats] for (bucket, k), stats in self.measured.items()],
             "choice": list(self.choice),
+            "challenger": list(self.challenger),
+            "trial": [list(evidence) for evidence in self.trial],
+            "beaten": [sorted(ks) for ks in self.beaten],
             "version": self.version,
             "model_error": self.model_error,
             # The exploration coin: a resumed run explores exactly as the uninterrupted one would have.
@@ -190,18 +254,35 @@ class Tuner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if [tuple(r) for r in state["ranges"]] != self.ranges:
             # Measurements are per bucket: with other buckets only the cost model carries over.
-            state = {**state, "measured": [], "choice": [self.default_k] * len(self.ranges)}
+            state = {**state, "measured": [], "choice": [self.default_k] * len(self.ranges), "challenger": None}
         self.time_model = StepTimeModel.from_state_dict(state["time_model"])
         self.acceptance = AcceptanceModel.from_state_dict(state["acceptance"])
         self.measured.clear()
         for bucket, k, *stats in state["measured"]:
             self.measured[(int(bucket), int(k))] = [float(v) for v in stats]
         self.choice = [int(k) for k in state["choice"]]
-        self.exploring = [False] * len(self.ranges)
+        # Trials are per bucket too; states saved before trials were kept (or with other buckets) start none.
+        if state.get("challenger") is None:
+            state = {**state, "challenger": [None] * len(self.ranges), "trial": [[0.0] * 6 for _ in self.ranges],
+                     "beaten": [[] for _ in self.ranges]}
+        self.challenger = [None if k is None else int(k) for k in state["challenger"]]
+        self.trial = [[float(v) for v in evidence] for evidence in state["trial"]]
+        self.beaten = [{int(k) for k in ks} for ks in state["beaten"]]
         self.version = int(state["version"])
         self.model_error = float(state.get("model_error", 0.0))  # absent in states saved before it was kept
         if "rng" in state:  # absent in states saved before it was kept
             self._rng.setstate(_tuples(state["rng"]))
+
+
+def _merged(ks_by_range: Iterable[tuple[tuple[int, int], int]]) -> Schedule:
+    """Per-range ks as vLLM's ``num_speculative_tokens_per_batch_size``, equal neighbours merged."""
+    schedule: Schedule = []
+    for (start, end), k in ks_by_range:
+        if schedule and schedule[-1][2] == k:
+            schedule[-1] = (schedule[-1][0], end, k)
+        else:
+            schedule.append((start, end, k))
+    return schedule
 
 
 def _jsonable(value: Any) -> Any:

@@ -58,18 +58,23 @@ class EngineTuner:
         """Learn from everything since the last update, install the next schedule, return ``respec/tuner/*``."""
         metrics = self.tuner.observe(take_steps(self.control_dir), self._requests)
         self._requests = []
-        schedule = self.tuner.schedule()
-        write_schedule(self.control_dir, schedule, self.tuner.version)
-        logger.info("respec tuner: schedule v%d %s", self.tuner.version, schedule)
+        self.tuner.schedule()
+        self._install()
+        logger.info("respec tuner: schedule v%d %s, trials %s", self.tuner.version, self.tuner.current_schedule(),
+                    self.tuner.alternate_schedule())
         return {**metrics, **self.tuner.schedule_metrics()}
+
+    def _install(self) -> None:
+        write_schedule(self.control_dir, self.tuner.current_schedule(), self.tuner.version,
+                       self.tuner.alternate_schedule())
 
     def state_dict(self) -> dict[str, Any]:
         return self.tuner.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from a checkpoint: the restored choice serves right away."""
+        """Resume from a checkpoint: the restored choice (and its trials) serve right away."""
         self.tuner.load_state_dict(state)
-        write_schedule(self.control_dir, self.tuner.current_schedule(), self.tuner.version)
+        self._install()
 
 
 def use_v1_model_runner() -> None:

@@ -31,21 +31,29 @@ def best_static_k(batch_size, k_max=6):
     return max(range(k_max + 1), key=lambda k: goodput(batch_size, k))
 
 
-def simulate(tuner, steps_per_batch=12):
-    """One RL step of the simulated engine under the tuner's installed schedule: steps and request stats."""
-    lookup = {}
-    for start, end, k in tuner.current_schedule():
-        lookup.update({b: k for b in range(start, end + 1)})
+def lookup(schedule):
+    """Batch size -> k; batch sizes past the schedule's end run its last k (as vLLM clamps to max_num_seqs)."""
+    table = {b: k for start, end, k in schedule for b in range(start, end + 1)}
+    return {b: table.get(b, schedule[-1][2]) for b in BATCH_SIZES} if schedule else {}
+
+
+def simulate(tuner, steps_per_batch=24, block=4):
+    """One RL step of the simulated engine under the tuner's installed schedules (the alternate one in every other
+    block of steps, as the scheduler runs trials): steps and request stats."""
+    main, alternate = lookup(tuner.current_schedule()), lookup(tuner.alternate_schedule() or [])
     steps, requests = [], []
     for batch_size in BATCH_SIZES:
-        k = lookup.get(batch_size, tuner.current_schedule()[-1][2])
-        for _ in range(steps_per_batch):
+        ks = set()
+        for index in range(steps_per_batch):
+            on_alternate = bool(alternate) and (index // block) % 2 == 1
+            k = (alternate if on_alternate else main)[batch_size]
+            ks.add(k)
             steps.append(StepRecord(batch_size=batch_size, k=k, num_draft_tokens=batch_size * k,
                                     num_scheduled_tokens=batch_size * (k + 1),
                                     num_generated_tokens=round(batch_size * expected_tokens(k)),
                                     duration_s=step_time(batch_size, k), end_time=0.0,
-                                    schedule_version=tuner.version))
-        if k:
+                                    schedule_version=tuner.version, alternate=on_alternate))
+        for k in ks - {0}:
             drafted = [100 * batch_size] * k
             requests.append({"drafted_per_pos": drafted,
                              "accepted_per_pos": [round(d * ALPHA ** (i + 1)) for i, d in enumerate(drafted)]})
@@ -73,11 +81,17 @@ def test_bucket_ranges():
 def test_safe_default_then_one_sd_off_anchor_then_the_best_k_without_exploring():
     tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=8), default_k=3, max_batch_size=256)
     assert tuner.schedule() == [(1, 256, 3)]  # nothing measured: the configured k
-    run(tuner, 1)  # only k=3 measured: no SD-off estimate to compare with, so the buckets that ran measure it
+    assert tuner.alternate_schedule() is None
+    run(tuner, 1)  # only k=3 measured: no SD-off estimate to compare with, so the buckets that ran try it
     ran = {i for i, (start, end) in enumerate(tuner.ranges) if any(start <= b <= end for b in BATCH_SIZES)}
-    assert all((k == 0) == (bucket in ran) for bucket, k in enumerate(tuner.choice))
-    assert all(k == 3 for bucket, k in enumerate(tuner.choice) if bucket not in ran)  # never seen: the default
-    run(tuner, 3)  # two ks measured: the model predicts the rest, each choice is measured and corrected
+    assert tuner.choice == [3] * len(tuner.ranges)  # the choice changes by trials only
+    assert all((k == 0) == (bucket in ran) for bucket, k in enumerate(tuner.challenger) if k is not None)
+    assert all(tuner.challenger[bucket] is None for bucket in range(len(tuner.ranges)) if bucket not in ran)
+    metrics = run(tuner, 1)  # the trials against SD-off settle: it wins at large batch sizes only
+    assert metrics["respec/tuner/trials_settled"] == len(ran)
+    assert [tuner.choice[tuner.bucket(step)] for step in simulate(tuner)[0][::24]] == [
+        0 if goodput(b, 0) > goodput(b, 3) else 3 for b in BATCH_SIZES]
+    run(tuner, 4)  # two ks measured: the model proposes the rest, one trial per bucket and rollout
     for batch_size in BATCH_SIZES:
         k = chosen_k(tuner, batch_size)
         assert goodput(batch_size, k) >= 0.95 * goodput(batch_size, best_static_k(batch_size)), (batch_size, k)
@@ -96,6 +110,26 @@ def test_converges_to_the_best_k_per_bucket():
         # Within 5% of the best static k, and never below SD-off.
         assert goodput(batch_size, k) >= 0.95 * goodput(batch_size, best_static_k(batch_size)), (batch_size, k)
         assert goodput(batch_size, k) >= goodput(batch_size, 0)
+
+
+def test_a_trial_compares_the_two_ks_on_the_same_steps_only():
+    """Steps of another schedule version, and the first step of each block, are no evidence for the trial."""
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=2), default_k=2, max_batch_size=8)
+    tuner.challenger = [None, None, None, 1]  # buckets 1, 2, 3-4, 5-8: a trial of k=1 against k=2 at 5-8
+
+    def step(k, alternate, seconds, version=0):
+        return StepRecord(batch_size=6, k=k, num_draft_tokens=6 * k, num_scheduled_tokens=6 * (k + 1),
+                          num_generated_tokens=12, duration_s=seconds, end_time=0.0, schedule_version=version,
+                          alternate=alternate)
+
+    # k=2 takes 1 s per step, k=1 2 s; the block starts (0.1 s, and 10 s) and another version (0.01 s) would
+    # turn the verdict around if they counted.
+    blocks = [step(2, False, 0.1), step(2, False, 1.0), step(2, False, 1.0), step(1, True, 10.0),
+              step(1, True, 2.0), step(1, True, 2.0), step(1, True, 0.01, version=-1)]
+    metrics = tuner.observe(blocks, [])
+    assert metrics["respec/tuner/trials_settled"] == 1 and metrics["respec/tuner/trials_won"] == 0
+    assert tuner.choice[3] == 2 and tuner.beaten[3] == {1} and tuner.challenger[3] is None
+    assert tuner.alternate_schedule() is None
 
 
 def test_a_prediction_must_beat_the_best_measured_k_by_more_than_the_models_error():
@@ -154,7 +188,7 @@ def test_state_round_trip():
         run(tuner, 1)
         run(restored, 1)
         assert restored.current_schedule() == tuner.current_schedule()
-        assert restored.exploring == tuner.exploring
+        assert restored.challenger == tuner.challenger and restored.trial == tuner.trial
 
 
 def test_config_errors_name_the_key():

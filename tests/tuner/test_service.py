@@ -48,7 +48,7 @@ def test_channel_round_trip(tmp_path):
     directory = str(tmp_path)
     assert schedule_stamp(directory) is None and take_steps(directory) == []
     tuner = EngineTuner(_config(), max_num_seqs=64)
-    assert read_schedule(tuner.control_dir) == ([(1, 64, 2)], 0)
+    assert read_schedule(tuner.control_dir) == ([(1, 64, 2)], 0, None)
     stamp = schedule_stamp(tuner.control_dir)
     append_steps(directory, [_step(4, 2), _step(1, 2)])
     append_steps(directory, [_step(2, 0)])
@@ -86,9 +86,10 @@ def test_update_learns_from_steps_and_requests():
     metrics = tuner.update()
     assert metrics["respec/tuner/k_mean"] == pytest.approx(1.0)
     assert any(key.startswith("respec/tuner/k_by_bucket/") for key in metrics)
-    schedule, version = read_schedule(tuner.control_dir)
+    schedule, version, alternate = read_schedule(tuner.control_dir)
     assert version == 1 and schedule == tuner.tuner.current_schedule()
+    assert alternate == tuner.tuner.alternate_schedule() is not None  # two ks measured, the model proposes a trial
     state = tuner.state_dict()
     resumed = EngineTuner(_config(), max_num_seqs=64)
     resumed.load_state_dict(state)
-    assert read_schedule(resumed.control_dir) == (schedule, 1)
+    assert read_schedule(resumed.control_dir) == (schedule, 1, alternate)
