@@ -1,10 +1,11 @@
 """The file channel between the respec server (tuner) and its vLLM engine-core process (scheduler).
 
 The schedule goes in (``schedule.json``, replaced atomically), with an optional alternate schedule that the
-scheduler runs in every other block of steps (the tuner's paired trials); measured engine steps come out (``steps.jsonl``,
-appended by the scheduler, taken by the server with an atomic rename). Files work wherever the engine core runs
-next to the server, which vLLM guarantees for the ``AsyncLLM`` it spawns, and need no vLLM API (none reaches
-the scheduler at run time: ``collective_rpc`` goes to the workers). This module imports nothing from vLLM.
+scheduler runs in every other block of steps (the tuner's paired trials); measured engine steps come out
+(``steps.jsonl``, appended by the scheduler, taken by the server with an atomic rename). Files work wherever the
+engine core runs next to the server, which vLLM guarantees for the ``AsyncLLM`` it spawns, and need no vLLM API
+(none reaches the scheduler at run time: ``collective_rpc`` goes to the workers). This module imports nothing from
+vLLM.
 """
 
 from __future__ import annotations

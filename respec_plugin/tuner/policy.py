@@ -227,10 +227,13 @@ class Tuner:
         return _merged(zip(self.ranges, (c if c is not None else k for k, c in zip(self.choice, self.challenger))))
 
     def schedule_metrics(self) -> dict[str, float]:
-        """The installed choice per bucket: ``respec/tuner/k_by_bucket/<start>-<end>``."""
-        return {
-            f"respec/tuner/k_by_bucket/{start}-{end}": float(k) for (start, end), k in zip(self.ranges, self.choice)
-        }
+        """The installed choice per bucket, ``respec/tuner/k_by_bucket/<start>-<end>``, and the challenger of each
+        bucket with a trial, ``respec/tuner/trial_k_by_bucket/<start>-<end>``."""
+        metrics = {f"respec/tuner/k_by_bucket/{start}-{end}": float(k)
+                   for (start, end), k in zip(self.ranges, self.choice)}
+        metrics.update({f"respec/tuner/trial_k_by_bucket/{start}-{end}": float(k)
+                        for (start, end), k in zip(self.ranges, self.challenger) if k is not None})
+        return metrics
 
     # ----- checkpoint ---------------------------------------------------------------------------------------
 

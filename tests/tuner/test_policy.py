@@ -161,7 +161,10 @@ def test_metrics():
     assert 0 <= metrics["respec/tuner/k_mean"] <= 6
     assert metrics["respec/tuner/step_time_error"] < 0.01  # the simulated cost is exactly linear
     by_bucket = tuner.schedule_metrics()
-    assert set(by_bucket) == {f"respec/tuner/k_by_bucket/{s}-{e}" for s, e in tuner.ranges}
+    assert {key for key in by_bucket if "/k_by_bucket/" in key} == {
+        f"respec/tuner/k_by_bucket/{s}-{e}" for s, e in tuner.ranges}
+    assert {key for key in by_bucket if "/trial_k_by_bucket/" in key} == {
+        f"respec/tuner/trial_k_by_bucket/{s}-{e}" for (s, e), k in zip(tuner.ranges, tuner.challenger) if k is not None}
 
 
 def test_static_mode_keeps_k():

@@ -37,16 +37,18 @@ def test_tuner_serves_updates_and_restores(server, prompts):  # noqa: F811
     metrics = ray.get(server.tuner_update.remote())
     assert metrics["respec/tuner/k_mean"] == pytest.approx(DEFAULT_K)
     assert metrics["respec/tuner/explore_frac"] == 0.0
-    # One k seen: the buckets the rollout ran measure SD-off next (the anchor to compare with), the rest keep
-    # the default.
+    # One k seen: the buckets the rollout ran try SD-off next (the anchor to compare with), all keep the default.
     state = ray.get(server.tuner_state.remote())
     ran = {bucket for bucket, k, *_ in state["measured"] if k == DEFAULT_K}
-    assert ran and all(k == (0 if bucket in ran else DEFAULT_K) for bucket, k in enumerate(state["choice"]))
+    assert ran and state["choice"] == [DEFAULT_K] * len(state["choice"])
+    assert all(k == (0 if bucket in ran else None) for bucket, k in enumerate(state["challenger"]))
     for bucket, (start, end) in enumerate(state["ranges"]):
         assert metrics[f"respec/tuner/k_by_bucket/{start}-{end}"] == state["choice"][bucket]
+        assert metrics.get(f"respec/tuner/trial_k_by_bucket/{start}-{end}") == state["challenger"][bucket]
 
     for k in (K_MAX, 0):
-        ray.get(server.load_tuner_state.remote({**state, "choice": [k] * len(state["choice"])}))
+        fixed = {**state, "choice": [k] * len(state["choice"]), "challenger": [None] * len(state["choice"])}
+        ray.get(server.load_tuner_state.remote(fixed))
         outputs = _generate(server, prompts)
         assert [o.token_ids for o in outputs] == [o.token_ids for o in first]
         if k:

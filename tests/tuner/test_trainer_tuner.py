@@ -14,14 +14,15 @@ from respec_plugin.tuner.replicas import CHECKPOINT_FILE  # noqa: E402
 from tests.grpo_runs import DEFAULT_K, K_MAX, SAVE_STEP, SEQUENCES, TOTAL_STEPS, TUNER  # noqa: E402
 
 BUCKET_PREFIX = "respec/tuner/k_by_bucket/"
+TRIAL_PREFIX = "respec/tuner/trial_k_by_bucket/"
 
 
-def _k_by_bucket(metrics: dict[str, float]) -> dict[tuple[int, int], float]:
-    """``respec/tuner/k_by_bucket/<lo>-<hi>`` metrics as {(lo, hi): k}."""
+def _k_by_bucket(metrics: dict[str, float], prefix: str = BUCKET_PREFIX) -> dict[tuple[int, int], float]:
+    """``<prefix><lo>-<hi>`` metrics (the installed k per bucket, or the trials' challengers) as {(lo, hi): k}."""
     buckets = {}
     for key, k in metrics.items():
-        if key.startswith(BUCKET_PREFIX):
-            lo, hi = key.removeprefix(BUCKET_PREFIX).split("-")
+        if key.startswith(prefix):
+            lo, hi = key.removeprefix(prefix).split("-")
             buckets[(int(lo), int(hi))] = k
     return buckets
 
@@ -44,9 +45,10 @@ def test_tuner_metrics_every_step_and_its_schedule_serves_the_next_rollout(kille
     # Before the first update the engine runs the configured k everywhere, nothing explored.
     assert steps[1]["respec/tuner/k_mean"] == DEFAULT_K and steps[1]["respec/tuner/explore_frac"] == 0.0
     for step in range(2, TOTAL_STEPS + 1):
-        # The rollout ran the ks installed after the previous step (the resumed step: the restored ones) for the
-        # batch sizes it can reach: its mean k lies between them.
-        reachable = [k for (lo, _), k in _k_by_bucket(steps[step - 1]).items() if lo <= SEQUENCES]
+        # The rollout ran the ks installed after the previous step (the resumed step: the restored ones), and their
+        # trials' challengers, for the batch sizes it can reach: its mean k lies between them.
+        reachable = [k for prefix in (BUCKET_PREFIX, TRIAL_PREFIX)
+                     for (lo, _), k in _k_by_bucket(steps[step - 1], prefix).items() if lo <= SEQUENCES]
         assert min(reachable) <= steps[step]["respec/tuner/k_mean"] <= max(reachable), (step, reachable)
         # Once the engine ran a second k the step-time model is calibrated, and judged on the next step.
         if steps[step]["respec/tuner/k_mean"] != DEFAULT_K and step < TOTAL_STEPS:
