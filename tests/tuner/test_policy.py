@@ -132,15 +132,19 @@ def test_a_trial_compares_the_two_ks_on_the_same_steps_only():
     assert tuner.alternate_schedule() is None
 
 
-def test_a_prediction_must_beat_the_best_measured_k_by_more_than_the_models_error():
-    tuner = Tuner(TunerConfig(mode="adaptive"), default_k=3, max_batch_size=256)
-    tuner.model_error = 0.05
-    measured = {0: Estimate(100.0, True), 2: Estimate(120.0, True)}
-    assert tuner._best_k({**measured, 1: Estimate(125.0, False)}) == 2  # 4% better: within the model's error
-    assert tuner._best_k({**measured, 1: Estimate(127.0, False)}) == 1  # 6% better
-    assert tuner._best_k({**measured, 3: Estimate(90.0, True)}) == 2
-    tuner.model_error = 0.0
-    assert tuner._best_k({**measured, 1: Estimate(121.0, False)}) == 1
+def test_the_challenger_is_the_best_estimate_that_has_not_lost_to_the_incumbent():
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0), default_k=2, max_batch_size=1)
+    estimates = {0: Estimate(100.0, True), 1: Estimate(125.0, False), 2: Estimate(120.0, True),
+                 3: Estimate(110.0, False)}
+    tuner.goodput_estimates = lambda bucket: estimates
+    assert tuner._next_challenger(0, explore=False) == 1  # predicted 4% above the incumbent: worth a trial
+    tuner.beaten[0] = {1}
+    assert tuner._next_challenger(0, explore=False) is None  # nothing else beats the incumbent's 120
+    tuner.measured[(0, 0)] = [2000.0, 20.0, 20.0, 20.0]
+    tuner.measured[(0, 1)] = [1250.0, 10.0, 10.0, 10.0]
+    assert tuner._next_challenger(0, explore=True) == 3  # a neighbour or SD-off: the least measured one
+    estimates[3] = Estimate(130.0, False)
+    assert tuner._next_challenger(0, explore=False) == 3
 
 
 def test_exploration_is_bounded_and_reported():
