@@ -69,7 +69,7 @@ class ReSpecScheduler(Scheduler):
         # (main, alternate) lookups while a trial runs, and the steps scheduled since they were installed.
         self._lookups: tuple[list[int], list[int]] | None = None
         self._steps_since_install = 0
-        self._pending: dict[int, tuple[float, int, int, int, int]] = {}
+        self._pending: dict[int, tuple[float, int, int, int, int, bool]] = {}
         self._busy_since: float | None = None
         self._records: list[StepRecord] = []
         self._last_flush = time.perf_counter()
@@ -137,24 +137,26 @@ class ReSpecScheduler(Scheduler):
         if self.dynamic_sd_lookup is None:
             return
         try:
-            main, *trial = [
-                build_dynamic_sd_schedule_lookup(
-                    entries,
-                    vllm_max_batch_size=self.scheduler_config.max_num_seqs,
-                    vllm_num_speculative_tokens=self.num_spec_tokens,
-                )
-                for entries in (schedule, *([alternate] if alternate is not None else []))
-            ]
+            main = self._lookup(schedule)
+            trial = self._lookup(alternate) if alternate is not None else None
         except ValueError as e:
             logger.error("respec: schedule v%d %s (alternate %s) rejected, keeping v%d: %s", version, schedule,
                          alternate, self.respec_schedule_version, e)
             return
         self.dynamic_sd_lookup = main
-        self._lookups = (main, trial[0]) if trial else None
+        self._lookups = (main, trial) if trial is not None else None
         self._steps_since_install = 0
         self.respec_schedule_version = version
         logger.info("respec: speculative schedule v%d installed: %s%s", version, schedule,
                     f", alternating with {alternate}" if alternate is not None else "")
+
+    def _lookup(self, schedule: list[tuple[int, int, int]]) -> list[int]:
+        """vLLM's dense batch size -> k table for a schedule (ValueError if vLLM rejects it)."""
+        return build_dynamic_sd_schedule_lookup(
+            schedule,
+            vllm_max_batch_size=self.scheduler_config.max_num_seqs,
+            vllm_num_speculative_tokens=self.num_spec_tokens,
+        )
 
 
 class ReSpecAsyncScheduler(ReSpecScheduler, AsyncScheduler):
