@@ -1,6 +1,6 @@
 """The SD configuration tuner against SD-off and every static k, on the lab with vLLM CPU, in one run.
 
-    python benchmarks/tuner_sweep.py [--preset demo] [--calibration-rounds 4]
+    python benchmarks/tuner_sweep.py [--preset demo] [--calibration-rounds 6] [--from-partial]
 
 1. Batch sweep: N in {1, 4, 16, 64, 256} greedy requests at once (fixed length, ignore_eos, so every
    configuration generates the same tokens), generated tokens / wall seconds for SD-off (a plain vLLM engine),
@@ -12,8 +12,9 @@
 2. Long-tail rollout: many requests whose lengths spread over a wide range, all submitted at once, so the
    batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
 The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
-its current schedule, exploring as configured, with one update per round (as between RL steps); it is then
-measured with its greedy schedule. The engines stay up and the configurations are measured interleaved per cell
+its current schedule and trials (a challenger k in alternating blocks of steps), exploring as configured, with one
+update per round (as between RL steps); it is then measured with the ks its trials settled on, without trial
+blocks. The engines stay up and the configurations are measured interleaved per cell
 (batch size or long tail): every configuration once, in a fresh random order, ``--repeats`` times after one
 unmeasured warm-up repeat. Ratios are medians of the ratios within a repeat (the two numbers were measured seconds
 apart: a 2-core machine drifts by ~20% over minutes); the engine steps each EAGLE-3 cell took are kept too, so
@@ -129,8 +130,8 @@ def save_partial(report: dict) -> None:
     (RESULTS / "tuner_sweep.partial.json").write_text(json.dumps(report, indent=2))
 
 
-def install(control_dir: str, schedule, version: int) -> None:
-    write_schedule(control_dir, schedule, version)
+def install(control_dir: str, schedule, version: int, alternate=None) -> None:
+    write_schedule(control_dir, schedule, version, alternate)
     take_steps(control_dir)  # steps of earlier runs are not the tuner's evidence
 
 
@@ -153,13 +154,13 @@ def run(args) -> dict:
     write_schedule(kept_dir, [(1, MAX_NUM_SEQS, 0)], 0)
     generate(drafter_kept, prompts[:4], [8] * 4)
 
-    # The tuner: calibration rounds (its own runs only), then measured with its greedy schedule.
+    # The tuner: calibration rounds (its own runs only), then measured with the ks its trials settled on.
     config = TunerConfig(mode="adaptive", k_max=K_MAX, explore=args.explore, min_steps=args.min_steps)
     tuner = Tuner(config, default_k=args.default_k, max_batch_size=MAX_NUM_SEQS, seed=args.seed)
     tuner.version = 1
     calibration = []
     for round_index in range(args.calibration_rounds):
-        install(control_dir, tuner.current_schedule(), tuner.version)
+        install(control_dir, tuner.current_schedule(), tuner.version, tuner.alternate_schedule())
         records, speeds = [], {}
         for b in BATCH_SIZES:
             speeds[str(b)], r = measure_sweep(speculative, workloads, b)
@@ -167,15 +168,14 @@ def run(args) -> dict:
         tokens, seconds, r = generate(speculative, *workloads.long_tail())
         speeds["long_tail"] = tokens / seconds
         metrics = tuner.observe(take_steps(control_dir), records + r)
-        calibration.append({"round": round_index, "schedule": tuner.current_schedule(), "tokens_per_s": speeds,
-                            "metrics": metrics})
+        calibration.append({"round": round_index, "schedule": tuner.current_schedule(),
+                            "trials": tuner.alternate_schedule(), "tokens_per_s": speeds, "metrics": metrics})
         tuner.schedule()
         save_partial({**report, "calibration": calibration})
         logging.info("calibration round %d: %s -> next schedule %s", round_index, speeds, tuner.current_schedule())
-    greedy = Tuner(TunerConfig(mode="adaptive", k_max=K_MAX, explore=0.0, min_steps=args.min_steps),
-                   default_k=args.default_k, max_batch_size=MAX_NUM_SEQS)
-    greedy.load_state_dict(tuner.state_dict())
-    tuner_schedule = greedy.schedule()
+    # Measured: the ks the trials settled on (a trial still running counts its incumbent), without trial blocks.
+    tuner_schedule = tuner.current_schedule()
+    report["tuner_state"] = tuner.state_dict()
 
     # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved per
     # cell: at each batch size (and the long tail) every configuration runs once, in a fresh random order, so the
@@ -191,7 +191,7 @@ def run(args) -> dict:
     cells = [*map(str, BATCH_SIZES), "long_tail"]
     samples: dict = {name: {cell: [] for cell in cells} for name in names}
     engine_steps: dict = {name: {cell: [] for cell in cells} for name in names if name not in engines}
-    version = greedy.version
+    version = tuner.version
     trace = []
     order = random.Random(args.seed)
     for repeat in range(-1, args.repeats):  # -1: the warm-up repeat
@@ -209,20 +209,29 @@ def run(args) -> dict:
                     # Engine steps per cell: a schedule running the same k here takes as many (the same computation).
                     engine_steps[name][cell].append(len(steps))
                 if name == "tuner" and cell == "long_tail":
-                    trace = steps
+                    trace = [{"t": s.end_time - steps[0].end_time, "batch_size": s.batch_size, "k": s.k} for s in steps]
         if repeat >= 0:
-            save_partial({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps})
+            save_partial({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps,
+                          "long_tail_trace": trace})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
     for llm in (drafter_kept, speculative, plain):
         shutdown(llm)
 
-    report["samples"] = samples
-    report["engine_steps"] = engine_steps
-    report["sweep"] = {name: {b: statistics.median(samples[name][b]) for b in map(str, BATCH_SIZES)} for name in names}
-    report["long_tail"] = {name: {"tokens_per_s": statistics.median(samples[name]["long_tail"])} for name in names}
-    report["tuner"] = {"schedule": tuner_schedule, "calibration": calibration, "state": greedy.state_dict(),
-                       "long_tail_trace": [{"t": s.end_time - trace[0].end_time, "batch_size": s.batch_size, "k": s.k}
-                                           for s in trace]}
+    return summarize({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps,
+                      "long_tail_trace": trace})
+
+
+def summarize(report: dict) -> dict:
+    """Medians and ratios from a report's samples; also completes a partial report of a run cut short. The tuner's
+    schedule is the one its last calibration round left (the choice changes only when a round is observed)."""
+    samples = report["samples"]
+    report["sweep"] = {name: {b: statistics.median(by_cell[b]) for b in map(str, BATCH_SIZES)}
+                       for name, by_cell in samples.items()}
+    report["long_tail"] = {name: {"tokens_per_s": statistics.median(by_cell["long_tail"])}
+                           for name, by_cell in samples.items()}
+    report["tuner"] = {"schedule": report["calibration"][-1]["schedule"], "calibration": report["calibration"],
+                       "state": report.pop("tuner_state", None), "long_tail_trace": report.pop("long_tail_trace", [])}
+    report["repeats_measured"] = len(samples["tuner"]["long_tail"])
     report["ratios"] = ratios(report)
     return report
 
@@ -272,6 +281,8 @@ def plot(report: dict, path: Path) -> None:
     ax_sweep.set(xlabel="concurrent requests", ylabel="tokens/s relative to SD-off", title="Batch sweep")
     ax_sweep.legend(fontsize=7, ncol=2)
     trace = report["tuner"]["long_tail_trace"]
+    if not trace:  # partial reports of runs before the trace was saved with them
+        ax_trace.text(0.5, 0.5, "trace not recorded in this run", ha="center", transform=ax_trace.transAxes)
     ax_trace.plot([s["t"] for s in trace], [s["k"] for s in trace], drawstyle="steps-post", color="tab:red",
                   label="k (tuner)")
     ax_trace.set(xlabel="seconds into the rollout", ylabel="k", title="Long-tail rollout: k per engine step")
@@ -295,16 +306,21 @@ def main() -> None:
     parser.add_argument("--tail-requests", type=int, default=64)
     parser.add_argument("--tail-min-tokens", type=int, default=16)
     parser.add_argument("--tail-max-tokens", type=int, default=256)
-    parser.add_argument("--calibration-rounds", type=int, default=4)
+    parser.add_argument("--calibration-rounds", type=int, default=6)
     parser.add_argument("--default-k", type=int, default=3)
     parser.add_argument("--explore", type=float, default=0.1)
     parser.add_argument("--min-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=4, help="interleaved measurements per configuration (median)")
+    parser.add_argument("--from-partial", action="store_true",
+                        help="summarize benchmarks/results/tuner_sweep.partial.json (a run cut short), run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    report = run(args)
+    if args.from_partial:  # a run cut short: its measured repeats, summarized
+        report = summarize(json.loads((RESULTS / "tuner_sweep.partial.json").read_text()))
+    else:
+        report = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tuner_sweep.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / "tuner_sweep.png")
