@@ -137,7 +137,7 @@ class TunerConfig:
     # trial is due (a trial runs the challenger in every other block of the bucket's steps).
     explore: float = 0.1
     # Decode steps a (bucket, k) needs before its measured tokens/s is trusted over the cost model, and each side of
-    # a trial before it is settled.
+    # a trial (at batch sizes both sides ran) before it is settled.
     min_steps: int = 8
     # Weight old evidence keeps at each update (1.0 never forgets; lower follows the drafter and actor faster).
     forget: float = 0.8

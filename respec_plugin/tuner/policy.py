@@ -4,7 +4,9 @@ A bucket's k (its incumbent) changes only by a paired trial: the next rollout ru
 k in alternating blocks of engine steps (respec_plugin/tuner/scheduler.py), and the challenger takes over if its
 tokens/s over those same stretches is higher. Comparing tokens/s measured in different rollouts compared the
 machine's moods as much as the ks (a 2-core machine drifts by ~20% within minutes; the sweep's second run chose
-k = 3 where k = 1 was best from such numbers); a trial compares numbers measured seconds apart.
+k = 3 where k = 1 was best from such numbers); a trial compares numbers measured seconds apart, batch size by batch
+size: in a bucket the rollout drains through, the later block runs fewer requests, and tokens/s over the whole
+bucket favoured whichever side ran first (the sweep's long tail chose SD-off at 5-8 requests that way).
 
 Which challenger: SD-off first, wherever a bucket ran speculation without a trial against it (the anchor every k is
 compared with; it also gives the step-time model a second k to predict the others from). Then, of the ks that have
@@ -12,9 +14,9 @@ not lost a trial to the incumbent, the one with the best tokens/s estimate, if t
 where the engine ran that (bucket, k) for ``min_steps`` decode steps, predicted by the cost model elsewhere. An
 estimate only proposes a trial, so it needs no margin for the model's error (on the lab's CPU engine the linear
 step-time model was off by 8-32% per step in the sweep's runs, ``respec/tuner/step_time_error``: as a margin that
-kept predicted ks untried). Otherwise, with probability ``explore``, a neighbouring k or SD-off, so every estimate stays fresh as
-the drafter and the actor change. A trial runs until both sides have ``min_steps`` decode
-steps (a rarely visited bucket may take several rollouts); it costs at most half a bucket's steps.
+kept predicted ks untried). Otherwise, with probability ``explore``, a neighbouring k or SD-off, so every estimate
+stays fresh as the drafter and the actor change. A trial runs until both sides have ``min_steps`` decode steps at batch
+sizes both ran (a rarely visited bucket may take several rollouts); it costs at most half a bucket's steps.
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ class Tuner:
         # measured[(bucket, k)] = [decayed tokens, decayed seconds, decayed steps, decayed Σ batch size]
         self.measured: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
         self.choice = [default_k] * len(self.ranges)
-        # Per bucket: the k on trial against the incumbent (None: no trial), the trial's evidence
-        # [incumbent tokens, seconds, steps, challenger tokens, seconds, steps], and the ks that lost to the incumbent.
+        # Per bucket: the k on trial against the incumbent (None: no trial), the trial's evidence per batch size
+        # {batch size: [incumbent tokens, seconds, steps, challenger tokens, seconds, steps]}, and the ks that lost to
+        # the incumbent.
         self.challenger: list[int | None] = [None] * len(self.ranges)
-        self.trial = [[0.0] * 6 for _ in self.ranges]
+        self.trial: list[dict[int, list[float]]] = [{} for _ in self.ranges]
         self.beaten: list[set[int]] = [set() for _ in self.ranges]
         self.version = 0
         self._rng = random.Random(seed)
@@ -121,27 +124,33 @@ class Tuner:
             if step.k != expected:  # not the k the trial put there (should not happen): no evidence for it
                 continue
             side = 3 if step.alternate else 0
-            evidence = self.trial[bucket]
+            evidence = self.trial[bucket].setdefault(step.batch_size, [0.0] * 6)
             evidence[side] += step.num_generated_tokens
             evidence[side + 1] += step.duration_s
             evidence[side + 2] += 1.0
 
     def _settle(self, bucket: int) -> bool | None:
-        """End the bucket's trial once both sides have ``min_steps`` steps: True if the challenger won, False if it
-        lost, None while there is no trial or it goes on."""
-        challenger, evidence = self.challenger[bucket], self.trial[bucket]
-        if challenger is None or min(evidence[2], evidence[5]) < self.config.min_steps:
+        """End the bucket's trial once both sides have ``min_steps`` steps at batch sizes both ran: True if the
+        challenger won (its tokens/s over the incumbent's, averaged over those batch sizes weighted by their steps,
+        is above 1), False if it lost, None while there is no trial or it goes on."""
+        challenger = self.challenger[bucket]
+        if challenger is None:
             return None
-        incumbent_speed = evidence[0] / evidence[1] if evidence[1] > 0 else 0.0
-        challenger_speed = evidence[3] / evidence[4] if evidence[4] > 0 else 0.0
-        won = challenger_speed > incumbent_speed
+        # (steps, challenger tokens/s over the incumbent's) per batch size both ran; only steps with a positive
+        # duration are evidence, so both sides' seconds are > 0 there.
+        matched = [(min(e[2], e[5]), (e[3] / e[4]) / (e[0] / e[1])) for e in self.trial[bucket].values()
+                   if min(e[2], e[5]) > 0]
+        steps = sum(weight for weight, _ in matched)
+        if steps < self.config.min_steps:
+            return None
+        won = sum(weight * speedup for weight, speedup in matched) / steps > 1.0
         if won:
             self.beaten[bucket] = {self.choice[bucket]}
             self.choice[bucket] = challenger
         else:
             self.beaten[bucket].add(challenger)
         self.challenger[bucket] = None
-        self.trial[bucket] = [0.0] * 6
+        self.trial[bucket] = {}
         return won
 
     def bucket(self, step: StepRecord) -> int:
@@ -235,7 +244,7 @@ class Tuner:
             "measured": [[bucket, k, *stats] for (bucket, k), stats in self.measured.items()],
             "choice": list(self.choice),
             "challenger": list(self.challenger),
-            "trial": [list(evidence) for evidence in self.trial],
+            "trial": [[[b, *evidence] for b, evidence in by_batch.items()] for by_batch in self.trial],
             "beaten": [sorted(ks) for ks in self.beaten],
             "version": self.version,
             # The exploration coin: a resumed run explores exactly as the uninterrupted one would have.
@@ -254,10 +263,10 @@ class Tuner:
         self.choice = [int(k) for k in state["choice"]]
         # Trials are per bucket too; states saved before trials were kept (or with other buckets) start none.
         if state.get("challenger") is None:
-            state = {**state, "challenger": [None] * len(self.ranges), "trial": [[0.0] * 6 for _ in self.ranges],
+            state = {**state, "challenger": [None] * len(self.ranges), "trial": [[] for _ in self.ranges],
                      "beaten": [[] for _ in self.ranges]}
         self.challenger = [None if k is None else int(k) for k in state["challenger"]]
-        self.trial = [[float(v) for v in evidence] for evidence in state["trial"]]
+        self.trial = [_trial_evidence(by_batch) for by_batch in state["trial"]]
         self.beaten = [{int(k) for k in ks} for ks in state["beaten"]]
         self.version = int(state["version"])
         if "rng" in state:  # absent in states saved before it was kept
@@ -273,6 +282,14 @@ def _merged(ks_by_range: Iterable[tuple[tuple[int, int], int]]) -> Schedule:
         else:
             schedule.append((start, end, k))
     return schedule
+
+
+def _trial_evidence(saved: list) -> dict[int, list[float]]:
+    """A bucket's trial evidence from a state: ``[[batch size, *evidence], ...]``. States saved before the evidence was
+    kept per batch size hold one flat list of six numbers per bucket: that trial starts over (its challenger stays)."""
+    if saved and not isinstance(saved[0], list):
+        return {}
+    return {int(batch_size): [float(v) for v in evidence] for batch_size, *evidence in saved}
 
 
 def _jsonable(value: Any) -> Any:

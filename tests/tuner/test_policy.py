@@ -112,24 +112,49 @@ def test_converges_to_the_best_k_per_bucket():
         assert goodput(batch_size, k) >= goodput(batch_size, 0)
 
 
+def trial_step(k, alternate, seconds, batch_size=6, version=0):
+    """A decode step of a trial at 5-8 requests that generates two tokens per request."""
+    return StepRecord(batch_size=batch_size, k=k, num_draft_tokens=batch_size * k,
+                      num_scheduled_tokens=batch_size * (k + 1), num_generated_tokens=2 * batch_size,
+                      duration_s=seconds, end_time=0.0, schedule_version=version, alternate=alternate)
+
+
 def test_a_trial_compares_the_two_ks_on_the_same_steps_only():
     """Steps of another schedule version, and the first step of each block, are no evidence for the trial."""
     tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=2), default_k=2, max_batch_size=8)
     tuner.challenger = [None, None, None, 1]  # buckets 1, 2, 3-4, 5-8: a trial of k=1 against k=2 at 5-8
-
-    def step(k, alternate, seconds, version=0):
-        return StepRecord(batch_size=6, k=k, num_draft_tokens=6 * k, num_scheduled_tokens=6 * (k + 1),
-                          num_generated_tokens=12, duration_s=seconds, end_time=0.0, schedule_version=version,
-                          alternate=alternate)
-
     # k=2 takes 1 s per step, k=1 2 s; the block starts (0.1 s, and 10 s) and another version (0.01 s) would
     # turn the verdict around if they counted.
-    blocks = [step(2, False, 0.1), step(2, False, 1.0), step(2, False, 1.0), step(1, True, 10.0),
-              step(1, True, 2.0), step(1, True, 2.0), step(1, True, 0.01, version=-1)]
+    blocks = [trial_step(2, False, 0.1), trial_step(2, False, 1.0), trial_step(2, False, 1.0),
+              trial_step(1, True, 10.0), trial_step(1, True, 2.0), trial_step(1, True, 2.0),
+              trial_step(1, True, 0.01, version=-1)]
     metrics = tuner.observe(blocks, [])
     assert metrics["respec/tuner/trials_settled"] == 1 and metrics["respec/tuner/trials_won"] == 0
     assert tuner.choice[3] == 2 and tuner.beaten[3] == {1} and tuner.challenger[3] is None
     assert tuner.alternate_schedule() is None
+
+
+def test_a_trial_compares_the_two_ks_at_the_batch_sizes_both_ran():
+    """As a rollout drains through a bucket, the later block runs fewer requests: the sides are compared batch size
+    by batch size, and batch sizes only one side ran are no evidence."""
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=3), default_k=2, max_batch_size=8)
+    tuner.challenger = [None, None, None, 1]
+    # At every batch size k=1 takes 0.9 s per step where k=2 takes 1 s, and both generate the same tokens; but k=2
+    # ran most of its steps at 8 requests, k=1 at 6: over the whole bucket k=2 made 14.9 tokens/s, k=1 13.7.
+    incumbent = [trial_step(2, False, 1.0, batch_size=b) for b in (8, 8, 8, 8, 8, 8, 8, 7)]
+    challenger = [trial_step(1, True, 0.9, batch_size=b) for b in (7, 7, 6, 6, 6, 6, 6, 6)]
+    drained = [trial_step(2, False, 1.0, batch_size=6) for _ in range(3)]
+    metrics = tuner.observe(incumbent + challenger + drained, [])
+    assert metrics["respec/tuner/trials_won"] == 1 and tuner.choice[3] == 1
+
+
+def test_a_trial_saved_before_evidence_per_batch_size_starts_over():
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0), default_k=2, max_batch_size=8)
+    tuner.challenger = [None, None, None, 1]
+    state = tuner.state_dict()
+    state["trial"] = [[0.0] * 6, [0.0] * 6, [0.0] * 6, [40.0, 4.0, 4.0, 30.0, 2.0, 3.0]]  # the earlier format
+    tuner.load_state_dict(state)
+    assert tuner.challenger == [None, None, None, 1] and tuner.trial == [{}, {}, {}, {}]
 
 
 def test_the_challenger_is_the_best_estimate_that_has_not_lost_to_the_incumbent():
