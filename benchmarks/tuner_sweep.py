@@ -7,18 +7,19 @@
    static k in {1, 2, 3, 4, 6}, and the tuner. Static k and the tuner run on one EAGLE-3 engine with
    k_max = 6 and respec's scheduler: static k is the one-entry schedule [(1, max, k)] installed through the
    tuner's channel, exactly as the tuner installs its own. That engine skips the drafter in decode steps at k = 0,
-   as respec's server sets it up (``tuner.k0_skips_drafter``); ``k=0`` is measured on it, and on a third engine
-   without the skip (``k=0_drafter_kept``, vLLM's own k = 0: the drafter's first forward still runs every step).
+   as respec's server sets it up (``tuner.k0_skips_drafter``); ``k=0`` is measured on it (what the tuner's SD-off
+   costs against a plain engine).
 2. Long-tail rollout: many requests whose lengths spread over a wide range, all submitted at once, so the
    batch drains to one request; every static k vs the tuner, and the tuner's k at every engine step (PNG).
 The tuner learns only from its own runs: ``--calibration-rounds`` rounds of (sweep + long-tail rollout) under
 its current schedule and trials (a challenger k in alternating blocks of steps), exploring as configured, with one
 update per round (as between RL steps); it is then measured with the ks its trials settled on, without trial
-blocks. The engines stay up and the configurations are measured interleaved per cell
-(batch size or long tail): every configuration once, in a fresh random order, ``--repeats`` times after one
-unmeasured warm-up repeat. Ratios are medians of the ratios within a repeat (the two numbers were measured seconds
-apart: a 2-core machine drifts by ~20% over minutes); the engine steps each EAGLE-3 cell took are kept too, so
-the tuner can be checked against the static k its schedule runs there (the same computation). Writes
+blocks. The engines stay up and the configurations are measured per cell (batch size or long tail), after one
+unmeasured round of every configuration: ``--repeats`` times, every other configuration once in a fresh random
+order, with the tuner's schedule run before, between and after them; each configuration's tokens/s is taken
+relative to the mean of the tuner's runs just before and after it (seconds apart, so a steady drift of the 2-core
+machine's speed cancels), and ratios are medians over repeats. The engine steps each EAGLE-3 cell took are kept
+too, so the tuner can be checked against the static k its schedule runs there (the same computation). Writes
 benchmarks/results/tuner_sweep.json (medians, ratios and every sample) and .png.
 """
 
@@ -50,7 +51,7 @@ K_MAX = 6
 MAX_NUM_SEQS = 256
 
 
-def engine(lab, tuned: bool, k0_skips_drafter: bool = True):
+def engine(lab, tuned: bool):
     """(LLM, control directory): a plain engine (no directory), or an EAGLE-3 one set up by the same code as respec's
     server with the tuner on (speculative config, scheduler, control directory, model runner)."""
     from vllm import LLM
@@ -60,7 +61,7 @@ def engine(lab, tuned: bool, k0_skips_drafter: bool = True):
     if not tuned:
         return LLM(model=lab.actor_dir, **kwargs), None
     respec = ReSpecConfig(drafter_path=lab.drafter_dir, num_speculative_tokens=K_MAX,
-                          tuner=TunerConfig(mode="static", k_max=K_MAX, k0_skips_drafter=k0_skips_drafter))
+                          tuner=TunerConfig(mode="static", k_max=K_MAX))
     engine_tuner = EngineTuner(respec, MAX_NUM_SEQS)  # only its engine set-up: the benchmark drives the schedules
     kwargs.update(speculative_config=respec.speculative_config(), per_request_spec_decode_metrics="detailed")
     engine_tuner.configure_engine(kwargs, data_parallel_size=1)
@@ -150,9 +151,6 @@ def run(args) -> dict:
     generate(plain, prompts[:4], [8] * 4)  # warm-up
     speculative, control_dir = engine(lab, tuned=True)
     generate(speculative, prompts[:4], [8] * 4)
-    drafter_kept, kept_dir = engine(lab, tuned=True, k0_skips_drafter=False)
-    write_schedule(kept_dir, [(1, MAX_NUM_SEQS, 0)], 0)
-    generate(drafter_kept, prompts[:4], [8] * 4)
 
     # The tuner: calibration rounds (its own runs only), then measured with the ks its trials settled on.
     config = TunerConfig(mode="adaptive", k_max=K_MAX, explore=args.explore, min_steps=args.min_steps)
@@ -177,89 +175,95 @@ def run(args) -> dict:
     tuner_schedule = tuner.current_schedule()
     report["tuner_state"] = tuner.state_dict()
 
-    # SD-off (the plain engine), every static k (one-entry schedules) and the tuner's schedule, interleaved per
-    # cell: at each batch size (and the long tail) every configuration runs once, in a fresh random order, so the
-    # configurations compared in a cell ran within seconds of each other (the machine drifts by ~20% over minutes:
-    # measuring one configuration's whole sweep after the other's compared the machine's moods). A first, unmeasured
-    # repeat runs every configuration once (the tuner's schedule had already run in calibration, the static ones not).
-    # "k=0" is SD-off inside the EAGLE-3 engine: what the tuner's k = 0 costs against the plain engine
-    # ("k=0_drafter_kept": the same in vLLM's own way, on the third engine, whose schedule never changes).
-    schedules = {"sd_off": None, **{f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in (0, *STATIC_KS)},
-                 "k=0_drafter_kept": None, "tuner": tuner_schedule}
-    engines = {"sd_off": plain, "k=0_drafter_kept": drafter_kept}
-    names = list(schedules)
+    # SD-off (the plain engine), every static k (one-entry schedules) and "k=0" (SD-off inside the EAGLE-3 engine: what
+    # the tuner's k = 0 costs against the plain engine), each measured between two runs of the tuner's schedule.
+    schedules = {"sd_off": None, **{f"k={k}": [(1, MAX_NUM_SEQS, k)] for k in (0, *STATIC_KS)}, "tuner": tuner_schedule}
+    others = [name for name in schedules if name != "tuner"]
     cells = [*map(str, BATCH_SIZES), "long_tail"]
-    samples: dict = {name: {cell: [] for cell in cells} for name in names}
-    engine_steps: dict = {name: {cell: [] for cell in cells} for name in names if name not in engines}
+    samples: dict = {name: {cell: [] for cell in cells} for name in schedules}
+    relative: dict = {name: {cell: [] for cell in cells} for name in others}
+    engine_steps: dict = {name: {cell: [] for cell in cells} for name in schedules if name != "sd_off"}
     version = tuner.version
     trace = []
+
+    def measure(name: str, cell: str, keep: bool) -> float:
+        nonlocal version, trace
+        if name != "sd_off":
+            version += 1
+            install(control_dir, schedules[name], version)
+        tokens_per_s = measure_cell(plain if name == "sd_off" else speculative, workloads, cell)
+        steps = take_steps(control_dir)  # none unless the EAGLE-3 engine ran
+        if keep:
+            samples[name][cell].append(tokens_per_s)
+            if name != "sd_off":  # a schedule running the same k here takes as many steps (the same computation)
+                engine_steps[name][cell].append(len(steps))
+            if name == "tuner" and cell == "long_tail":
+                trace = [{"t": s.end_time - steps[0].end_time, "batch_size": s.batch_size, "k": s.k} for s in steps]
+        return tokens_per_s
+
     order = random.Random(args.seed)
-    for repeat in range(-1, args.repeats):  # -1: the warm-up repeat
+    for cell in cells:  # a first, unmeasured round: the static schedules had not run yet (the tuner's had)
+        for name in order.sample(list(schedules), len(schedules)):
+            measure(name, cell, keep=False)
+    for repeat in range(args.repeats):
         for cell in cells:
-            for name in order.sample(names, len(names)):
-                if name in engine_steps:  # an EAGLE-3 configuration: its schedule, installed
-                    version += 1
-                    install(control_dir, schedules[name], version)
-                tokens_per_s = measure_cell(engines.get(name, speculative), workloads, cell)
-                steps = take_steps(control_dir)  # none unless the tuned engine ran
-                if repeat < 0:
-                    continue
-                samples[name][cell].append(tokens_per_s)
-                if name in engine_steps:
-                    # Engine steps per cell: a schedule running the same k here takes as many (the same computation).
-                    engine_steps[name][cell].append(len(steps))
-                if name == "tuner" and cell == "long_tail":
-                    trace = [{"t": s.end_time - steps[0].end_time, "batch_size": s.batch_size, "k": s.k} for s in steps]
-        if repeat >= 0:
-            save_partial({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps,
-                          "long_tail_trace": trace})
+            # The tuner runs before, between and after the others (in a fresh random order): each configuration is
+            # compared with the mean of the tuner's runs just before and just after it, which cancels a steady drift
+            # of the machine's speed (~10% within tens of seconds on this 2-core machine).
+            tuner_runs = [measure("tuner", cell, keep=True)]
+            for name in order.sample(others, len(others)):
+                tokens_per_s = measure(name, cell, keep=True)
+                tuner_runs.append(measure("tuner", cell, keep=True))
+                relative[name][cell].append(tokens_per_s / statistics.fmean(tuner_runs[-2:]))
+        save_partial({**report, "calibration": calibration, "samples": samples, "relative_to_tuner": relative,
+                      "engine_steps": engine_steps, "long_tail_trace": trace})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
-    for llm in (drafter_kept, speculative, plain):
+    for llm in (speculative, plain):
         shutdown(llm)
 
-    return summarize({**report, "calibration": calibration, "samples": samples, "engine_steps": engine_steps,
-                      "long_tail_trace": trace})
+    return summarize({**report, "calibration": calibration, "samples": samples, "relative_to_tuner": relative,
+                      "engine_steps": engine_steps, "long_tail_trace": trace})
 
 
 def summarize(report: dict) -> dict:
     """Medians and ratios from a report's samples; also completes a partial report of a run cut short. The tuner's
     schedule is the one its last calibration round left (the choice changes only when a round is observed)."""
     samples = report["samples"]
-    report["sweep"] = {name: {b: statistics.median(by_cell[b]) for b in map(str, BATCH_SIZES)}
-                       for name, by_cell in samples.items()}
-    report["long_tail"] = {name: {"tokens_per_s": statistics.median(by_cell["long_tail"])}
-                           for name, by_cell in samples.items()}
+    report["tokens_per_s"] = {name: {cell: statistics.median(values) for cell, values in by_cell.items()}
+                              for name, by_cell in samples.items()}
     report["tuner"] = {"schedule": report["calibration"][-1]["schedule"], "calibration": report["calibration"],
                        "state": report.pop("tuner_state", None), "long_tail_trace": report.pop("long_tail_trace", [])}
-    report["repeats_measured"] = len(samples["tuner"]["long_tail"])
+    report["repeats_measured"] = len(report["relative_to_tuner"]["sd_off"]["long_tail"])
     report["ratios"] = ratios(report)
     return report
 
 
-def paired_ratio(samples: dict, a: str, b: str, cell: str) -> float:
-    """Median over repeats of a's tokens/s over b's in the same repeat of this cell (measured seconds apart)."""
-    return statistics.median(x / y for x, y in zip(samples[a][cell], samples[b][cell]))
+def paired_ratio(relative: dict, a: str, b: str, cell: str) -> float:
+    """Median over repeats of a's tokens/s over b's, both taken relative to the tuner's runs around them in that
+    repeat (a or b may be the tuner itself)."""
+    def against_tuner(name):
+        return relative[name][cell] if name != "tuner" else [1.0] * len(relative["sd_off"][cell])
+    return statistics.median(x / y for x, y in zip(against_tuner(a), against_tuner(b)))
 
 
 def ratios(report: dict) -> dict:
-    samples, sweep, tail = report["samples"], report["sweep"], report["long_tail"]
+    relative = report["relative_to_tuner"]
     static = [f"k={k}" for k in STATIC_KS]
     out = {"by_batch": {}}
     for b in map(str, BATCH_SIZES):
-        best = max(static, key=lambda name: sweep[name][b])  # by median tokens/s
+        best = max(static, key=lambda name: statistics.median(relative[name][b]))
         tuner_k = next(k for start, end, k in report["tuner"]["schedule"] if start <= int(b) <= end)
         out["by_batch"][b] = {"best_static": best, "tuner_k": tuner_k,
-                              "tuner_vs_best_static": paired_ratio(samples, "tuner", best, b),
-                              "tuner_vs_sd_off": paired_ratio(samples, "tuner", "sd_off", b),
+                              "tuner_vs_best_static": paired_ratio(relative, "tuner", best, b),
+                              "tuner_vs_sd_off": paired_ratio(relative, "tuner", "sd_off", b),
                               # The same computation in two schedules: ~1.0 unless the measurement is off.
-                              "tuner_vs_static_of_its_k": paired_ratio(samples, "tuner", f"k={tuner_k}", b),
-                              "best_static_vs_sd_off": paired_ratio(samples, best, "sd_off", b),
-                              "k0_in_eagle_engine_vs_sd_off": paired_ratio(samples, "k=0", "sd_off", b),
-                              "k0_drafter_kept_vs_sd_off": paired_ratio(samples, "k=0_drafter_kept", "sd_off", b)}
-    best_tail = max(static, key=lambda name: tail[name]["tokens_per_s"])
+                              "tuner_vs_static_of_its_k": paired_ratio(relative, "tuner", f"k={tuner_k}", b),
+                              "best_static_vs_sd_off": paired_ratio(relative, best, "sd_off", b),
+                              "k0_in_eagle_engine_vs_sd_off": paired_ratio(relative, "k=0", "sd_off", b)}
+    best_tail = max(static, key=lambda name: statistics.median(relative[name]["long_tail"]))
     out["long_tail"] = {"best_static": best_tail,
-                        "tuner_vs_best_static": paired_ratio(samples, "tuner", best_tail, "long_tail"),
-                        "tuner_vs_sd_off": paired_ratio(samples, "tuner", "sd_off", "long_tail")}
+                        "tuner_vs_best_static": paired_ratio(relative, "tuner", best_tail, "long_tail"),
+                        "tuner_vs_sd_off": paired_ratio(relative, "tuner", "sd_off", "long_tail")}
     return out
 
 
@@ -270,11 +274,10 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_sweep, ax_trace) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = ["sd_off", "k=0_drafter_kept", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
+    names = ["sd_off", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        base = [report["sweep"]["sd_off"][str(b)] for b in BATCH_SIZES]
-        values = [report["sweep"][name][str(b)] / s for b, s in zip(BATCH_SIZES, base)]
+        values = [paired_ratio(report["relative_to_tuner"], name, "sd_off", str(b)) for b in BATCH_SIZES]
         ax_sweep.bar([j + i * width for j in range(len(BATCH_SIZES))], values, width, label=name)
     ax_sweep.set_xticks([j + 0.4 - width / 2 for j in range(len(BATCH_SIZES))], [str(b) for b in BATCH_SIZES])
     ax_sweep.axhline(1.0, color="black", linewidth=0.8)
@@ -311,7 +314,7 @@ def main() -> None:
     parser.add_argument("--explore", type=float, default=0.1)
     parser.add_argument("--min-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=4, help="interleaved measurements per configuration (median)")
+    parser.add_argument("--repeats", type=int, default=4, help="measured rounds per cell (ratios: medians over them)")
     parser.add_argument("--from-partial", action="store_true",
                         help="summarize benchmarks/results/tuner_sweep.partial.json (a run cut short), run nothing")
     args = parser.parse_args()
@@ -325,9 +328,9 @@ def main() -> None:
     (RESULTS / "tuner_sweep.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / "tuner_sweep.png")
     print(json.dumps(report["ratios"], indent=2))
-    for name in report["sweep"]:
-        print(f"{name:>16}: " + "  ".join(f"N={b}: {report['sweep'][name][str(b)]:8.1f}" for b in BATCH_SIZES)
-              + f"  long tail: {report['long_tail'][name]['tokens_per_s']:8.1f} tok/s")
+    for name, by_cell in report["tokens_per_s"].items():
+        print(f"{name:>8}: " + "  ".join(f"N={b}: {by_cell[str(b)]:8.1f}" for b in BATCH_SIZES)
+              + f"  long tail: {by_cell['long_tail']:8.1f} tok/s (medians)")
 
 
 if __name__ == "__main__":
