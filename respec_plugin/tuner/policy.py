@@ -78,7 +78,7 @@ class Tuner:
     def observe(self, steps: Iterable[StepRecord], requests: Iterable[Mapping[str, Any]]) -> dict[str, float]:
         """Add one RL step's engine steps and request spec stats; return ``respec/tuner/*`` metrics about them."""
         steps = list(steps)
-        decode = [s for s in steps if s.is_decode and s.duration_s > 0]
+        decode = [s for s in steps if _timed_decode(s)]
         metrics: dict[str, float] = {}
         if decode:
             metrics["respec/tuner/k_mean"] = sum(s.k for s in decode) / len(decode)
@@ -117,7 +117,7 @@ class Tuner:
         for step in steps:
             switched = previous is None or previous.alternate != step.alternate
             previous = step
-            if switched or not step.is_decode or step.duration_s <= 0 or not self._on_trial(step):
+            if switched or not _timed_decode(step) or not self._on_trial(step):
                 continue
             bucket = self.bucket(step)
             expected = self.challenger[bucket] if step.alternate else self.choice[bucket]
@@ -271,6 +271,11 @@ class Tuner:
         self.version = int(state["version"])
         if "rng" in state:  # absent in states saved before it was kept
             self._rng.setstate(_tuples(state["rng"]))
+
+
+def _timed_decode(step: StepRecord) -> bool:
+    """Whether a step is evidence of decode speed: it decoded (no prompt tokens) and its duration was measured."""
+    return step.is_decode and step.duration_s > 0
 
 
 def _merged(ks_by_range: Iterable[tuple[tuple[int, int], int]]) -> Schedule:
