@@ -37,9 +37,9 @@ import statistics
 import time
 from pathlib import Path
 
-from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
-from respec_plugin.report import (
+from respec_lab.build import build_lab
+from respec_lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
+from respec_plugin.core.report import (
     ACCEPT_LENGTH,
     LEARNER_LOSS,
     REWARD,

@@ -31,16 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift  # noqa: E402  (benchmarks/ is not a package)
 
-from respec_plugin.config import LearnerConfig  # noqa: E402
-from respec_plugin.drafter.io import load_drafter  # noqa: E402
-from respec_plugin.lab.build import build_lab  # noqa: E402
-from respec_plugin.lab.launch import respec_overrides  # noqa: E402
-from respec_plugin.learner.buffer import collate  # noqa: E402
-from respec_plugin.learner.features import ActorMirror, read_step, refreshed_features, step_features  # noqa: E402
-from respec_plugin.learner.loop import OnlineLearner  # noqa: E402
-from respec_plugin.learner.losses import trajectory_weights  # noqa: E402
-from respec_plugin.learner.objective import held_out_scores  # noqa: E402
-from respec_plugin.rollout.hotswap import PublishReport  # noqa: E402
+from respec_plugin.core.config import LearnerConfig  # noqa: E402
+from respec_plugin.core.drafter.io import load_drafter  # noqa: E402
+from respec_lab.build import build_lab  # noqa: E402
+from respec_lab.launch import respec_overrides  # noqa: E402
+from respec_plugin.core.learner.buffer import collate  # noqa: E402
+from respec_plugin.integrations.verl.learner_features import ActorMirror, read_step, refreshed_features, step_features  # noqa: E402
+from respec_plugin.core.learner.loop import OnlineLearner  # noqa: E402
+from respec_plugin.core.learner.losses import trajectory_weights  # noqa: E402
+from respec_plugin.core.learner.objective import held_out_scores  # noqa: E402
+from respec_plugin.integrations.verl.hotswap import PublishReport  # noqa: E402
 
 RECORDED_RUN = "online_kd"
 

@@ -17,8 +17,8 @@ import logging
 import statistics
 from pathlib import Path
 
-from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
+from respec_lab.build import build_lab
+from respec_lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -34,14 +34,14 @@ import statistics
 import time
 from pathlib import Path
 
-from respec_plugin.config import ReSpecConfig, TunerConfig
-from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.data import read_problems
-from respec_plugin.lab.models import chat_prompt_ids
-from respec_plugin.rollout.spec_stats import request_stats
-from respec_plugin.tuner.channel import take_steps, write_schedule
-from respec_plugin.tuner.policy import Tuner
-from respec_plugin.tuner.service import EngineTuner
+from respec_plugin.core.config import ReSpecConfig, TunerConfig
+from respec_lab.build import build_lab
+from respec_lab.data import read_problems
+from respec_lab.models import chat_prompt_ids
+from respec_plugin.core.spec_stats import request_stats
+from respec_plugin.core.tuner.channel import take_steps, write_schedule
+from respec_plugin.core.tuner.policy import Tuner
+from respec_plugin.core.tuner.service import EngineTuner
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -44,7 +44,7 @@ if [ -z "${DRAFTER_PATH:-}" ]; then
     fi
     DRAFTER_PATH="${CHECKPOINT_DIR}/drafter_day0"
     if [ ! -f "${DRAFTER_PATH}/config.json" ]; then
-        build_drafter=("${PYTHON:-python3}" -m respec_plugin.drafter.day0 --actor "${MODEL_PATH}" --out "${DRAFTER_PATH}")
+        build_drafter=("${PYTHON:-python3}" -m respec_plugin.core.drafter.day0 --actor "${MODEL_PATH}" --out "${DRAFTER_PATH}")
     fi
 fi
 

@@ -14,8 +14,8 @@ import logging
 import threading
 from pathlib import Path
 
-from respec_plugin.lab.build import build_lab
-from respec_plugin.lab.launch import (
+from respec_lab.build import build_lab
+from respec_lab.launch import (
     grpo_command,
     parse_console_metrics,
     respec_overrides,

@@ -1,0 +1,295 @@
+"""The ``respec`` block of a verl rollout config, as typed dataclasses that check themselves.
+
+Users write ``actor_rollout_ref.rollout.name=respec`` plus ``+actor_rollout_ref.rollout.custom.respec.<key>=...``
+(verl's ``RolloutConfig.custom`` is its extension point; unknown keys elsewhere fail at instantiation).
+Every value a user can get wrong raises :class:`ReSpecConfigError` naming the key, the value and the fix; the allowed
+values of each choice come from its ``Literal`` type, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+CONFIG_PREFIX = "actor_rollout_ref.rollout.custom.respec"
+MAX_SPECULATIVE_TOKENS = 16
+
+DrafterMethod = Literal["eagle3", "draft_model", "ngram"]
+TunerMode = Literal["off", "static", "adaptive"]
+Divergence = Literal["forward_kl", "tv"]
+RewardWeighting = Literal["reward", "advantage", "uniform"]
+# Methods whose drafter is a checkpoint on disk (ngram drafts from the context alone).
+CHECKPOINT_METHODS: tuple[DrafterMethod, ...] = ("eagle3", "draft_model")
+
+
+class ReSpecConfigError(ValueError):
+    """A user-facing error in the respec block or a user-supplied checkpoint: the message names the key (or file),
+    the bad value and the fix. Internal invariants raise ValueError / TypeError instead."""
+
+
+def bad_value(key: str, value: Any, fix: str) -> ReSpecConfigError:
+    """The error for ``respec.<key>=<value>``, with its fix."""
+    return ReSpecConfigError(f"{CONFIG_PREFIX}.{key}={value!r} is invalid: {fix}")
+
+
+def choices(literal_type: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` type allows, in declaration order."""
+    return typing.get_args(literal_type)
+
+
+def _check_choice(key: str, value: Any, literal_type: Any) -> None:
+    if value not in choices(literal_type):
+        raise bad_value(key, value, f"use one of {', '.join(choices(literal_type))}.")
+
+
+def _check_int(key: str, value: Any, low: int, high: int | None = None, fix: str = "") -> None:
+    """An integer (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise bad_value(key, value, f"use an integer {bounds}{fix}.")
+
+
+def _check_number(key: str, value: Any, low: float, high: float, low_open: bool, high_open: bool, fix: str) -> None:
+    """A real number (not a bool) in the interval; ``fix`` names the interval and an example."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if (not number or value < low or value > high or (low_open and value == low)
+            or (high_open and value == high) or value != value):
+        raise bad_value(key, value, fix)
+
+
+def _from_mapping(cls, block: Mapping[str, Any] | None, prefix: str):
+    """Build dataclass ``cls`` from a user mapping (dict or DictConfig): unknown keys are errors, nested blocks
+    become their dataclasses, lists become tuples where the field is a tuple."""
+    block = dict(block or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in block.items():
+        if key not in known:
+            raise bad_value(f"{prefix}{key}", value, f"unknown key; known keys are {', '.join(sorted(known))}.")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            block[key] = _from_mapping(hint, value, f"{prefix}{key}.")
+        elif typing.get_origin(hint) is tuple and not isinstance(value, (str, int, float)) and value is not None:
+            block[key] = tuple(value)
+    return cls(**block)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The online drafter learner (``respec.learner.*``): reward-weighted KD of the drafter between RL steps."""
+
+    # Switch the learner on: after each actor update, train the drafter on the step's trajectories and hot-swap it.
+    enable: bool = False
+    # Per-token divergence D(p_actor || q_drafter): "forward_kl" (ReSpec) or "tv" (1 - acceptance probability).
+    divergence: Divergence = "forward_kl"
+    # Trajectory weights: "reward" (ReSpec's w(r) = r, normalised to [0, 1] over the step), "advantage"
+    # (the step's advantages min-max normalised to [0, 1]) or "uniform" (plain online KD, the ablation).
+    reward_weighting: RewardWeighting = "reward"
+    # Lowest trajectory weight in [0, 1): 0 drops failed rollouts (ReSpec), > 0 keeps learning from them a little,
+    # so steps whose rollouts all failed still teach the drafter (benchmarks/README.md, drift).
+    weight_floor: float = 0.2
+    # Coefficient of the negative-feedback term on rejected draft tokens (lowers q where q > p); 0 turns it off.
+    negative_feedback: float = 0.1
+    # Keep the actor's top-k next-token probabilities per position (bounds memory; the rest counts as 0).
+    top_k: int = 32
+    # Drafter optimizer steps per RL step, and a wall-clock bound on them (seconds). The default keeps up with an
+    # actor that drifts every step (benchmarks/README.md, learner replay).
+    steps_per_rl_step: int = 24
+    max_time_s: float = 60.0
+    # Sequences per drafter step, AdamW learning rate, draft steps unrolled (training-time test).
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    num_draft_steps: int = 3
+    # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
+    replay_steps: int = 2
+    # Recompute the replayed steps' hidden states and targets with the current actor before training (an actor
+    # forward over the whole replay window every step); off, they keep the targets of the actor that generated them.
+    refresh_replay: bool = False
+    # Fraction of each step's prompt groups (at least one) held out to compare the candidate with the serving
+    # drafter; they are trained on at the next step.
+    holdout_fraction: float = 0.125
+    # Train and publish every N RL steps.
+    every_n_steps: int = 1
+    # Train while verl updates the actor (in a thread of the driver), on the step's trajectories with the actor
+    # that generated them, instead of after the update with the updated actor: hides the learner's time when the
+    # driver has spare cores, at the cost of distilling the actor one update behind. Published after the weight
+    # sync either way.
+    overlap: bool = False
+    # Also score the drafter the run started from (drafter_path) on each step's held-out prompts
+    # (respec/learner/held_out_acceptance_initial): what learning gained, on the same rollouts. Keeps a second copy
+    # of the drafter in the driver.
+    compare_with_initial: bool = False
+    # Write each learner step's trajectories and the actor weights it distilled (the updated actor; with overlap,
+    # the one that generated them) to this directory (step_<n>.pt), so learner variants can be compared offline on
+    # one and the same sequence of actors (benchmarks/learner_replay.py). One actor-sized file per step: meant for
+    # the lab, not for a real actor.
+    record_dir: str | None = None
+
+    def __post_init__(self):
+        _check_choice("learner.divergence", self.divergence, Divergence)
+        _check_choice("learner.reward_weighting", self.reward_weighting, RewardWeighting)
+        _check_number("learner.weight_floor", self.weight_floor, 0.0, 1.0, low_open=False, high_open=True,
+                      fix="use a number in [0, 1).")
+        _check_number("learner.negative_feedback", self.negative_feedback, 0.0, float("inf"), low_open=False,
+                      high_open=True, fix="use a coefficient >= 0 (0 turns it off).")
+        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps", "every_n_steps"):
+            _check_int(f"learner.{key}", getattr(self, key), 1)
+        for key in ("max_time_s", "learning_rate"):
+            _check_number(f"learner.{key}", getattr(self, key), 0.0, float("inf"), low_open=True, high_open=True,
+                          fix="use a positive number.")
+        _check_number("learner.holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True,
+                      fix="use a fraction in (0, 1), e.g. 0.125.")
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    """The SD configuration tuner (``respec.tuner.*``): k per batch-size bucket from measured engine steps."""
+
+    # "off": vLLM's static k (num_speculative_tokens); "adaptive": k per batch-size bucket chosen from measured
+    # goodput, updated between RL steps; "static": the configured k, measured like adaptive (for comparison).
+    mode: TunerMode = "off"
+    # Largest k the tuner may choose (the engine drafts at most this many); num_speculative_tokens is the default
+    # k served until the tuner is calibrated.
+    k_max: int = 6
+    # Upper bounds of the batch-size buckets, increasing; one k per bucket (the last reaches max_num_seqs).
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # Chance, per bucket and update, of a trial of a neighbouring k (or SD-off) against the bucket's k, when no other
+    # trial is due (a trial runs the challenger in every other block of the bucket's steps).
+    explore: float = 0.1
+    # Decode steps a (bucket, k) needs before its measured tokens/s is trusted over the cost model, and each side of
+    # a trial (at batch sizes both sides ran) before it is settled.
+    min_steps: int = 8
+    # Weight old evidence keeps at each update (1.0 never forgets; lower follows the drafter and actor faster).
+    forget: float = 0.8
+    # Where k = 0, skip the EAGLE drafter's forward in decode steps as well (vLLM runs it anyway, to keep the
+    # drafter's KV cache complete): SD-off then costs what a plain engine does, while drafts made after a k = 0
+    # stretch see no drafter cache for it (respec_plugin/integrations/vllm/k0_skips_drafter.py).
+    k0_skips_drafter: bool = True
+
+    def __post_init__(self):
+        _check_choice("tuner.mode", self.mode, TunerMode)
+        _check_int("tuner.k_max", self.k_max, 1, MAX_SPECULATIVE_TOKENS)
+        buckets = self.buckets
+        if (not isinstance(buckets, tuple) or not buckets
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
+                or list(buckets) != sorted(set(buckets))):
+            raise bad_value("tuner.buckets", buckets,
+                            "use increasing positive integers, e.g. [1, 2, 4, 8, 16, 32, 64, 128, 256].")
+        _check_number("tuner.explore", self.explore, 0.0, 1.0, low_open=False, high_open=True,
+                      fix="use a probability in [0, 1), e.g. 0.1 (0 turns exploration off).")
+        _check_int("tuner.min_steps", self.min_steps, 1)
+        _check_number("tuner.forget", self.forget, 0.0, 1.0, low_open=True, high_open=False,
+                      fix="use a number in (0, 1].")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class ReSpecConfig:
+    """Speculative-decoding settings of the respec rollout backend."""
+
+    # Drafter method: "eagle3" (a trained EAGLE-3 head), "draft_model" (a small LM of the same vocabulary)
+    # or "ngram" (prompt lookup, no weights).
+    method: DrafterMethod = "eagle3"
+    # Directory of the drafter checkpoint (config.json + safetensors); required for eagle3 and draft_model.
+    drafter_path: str | None = None
+    # Number of speculative tokens k drafted per verify step; 0 turns speculation off (plain vLLM).
+    num_speculative_tokens: int = 3
+    # n-gram window bounds (method=ngram only): the longest and shortest context suffix to look up.
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    # The online drafter learner (method=eagle3 only); see LearnerConfig.
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # The SD configuration tuner (k per batch size, learnt online); see TunerConfig.
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+
+    def __post_init__(self):
+        _check_choice("method", self.method, DrafterMethod)
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS,
+                   fix=" (0 turns speculation off; 3-5 is typical)")
+        if self.uses_drafter_checkpoint and not self.drafter_path:
+            raise bad_value("drafter_path", self.drafter_path, f"method={self.method} needs a drafter checkpoint dir.")
+        if self.method == "ngram":
+            for key in ("prompt_lookup_min", "prompt_lookup_max"):
+                _check_int(key, getattr(self, key), 1)
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise bad_value("prompt_lookup_min", (self.prompt_lookup_min, self.prompt_lookup_max),
+                                "need 1 <= prompt_lookup_min <= prompt_lookup_max.")
+        if self.tuner.enabled and not self.speculation_enabled:
+            raise bad_value("tuner.mode", self.tuner.mode, "the tuner chooses k for speculation: set "
+                            "num_speculative_tokens > 0 (the default k), or tuner.mode=off.")
+        if self.tuner.enabled and self.num_speculative_tokens > self.tuner.k_max:
+            raise bad_value("num_speculative_tokens", self.num_speculative_tokens,
+                            f"with the tuner on it is the default k and must be <= tuner.k_max={self.tuner.k_max}.")
+        if self.learner.enable and (self.method != "eagle3" or not self.speculation_enabled):
+            raise bad_value("learner.enable", True, "the online learner trains an EAGLE-3 drafter: set method=eagle3 "
+                            "and num_speculative_tokens > 0, or switch the learner off.")
+
+    @property
+    def speculation_enabled(self) -> bool:
+        return self.num_speculative_tokens > 0
+
+    @property
+    def uses_drafter_checkpoint(self) -> bool:
+        """Whether the engines load a drafter from ``drafter_path`` (a checkpoint method with speculation on)."""
+        return self.method in CHECKPOINT_METHODS and self.speculation_enabled
+
+    @classmethod
+    def from_mapping(cls, block: Mapping[str, Any] | None) -> "ReSpecConfig":
+        """Build from the ``respec`` block (a dict or DictConfig): unknown keys are errors, and a drafter path must
+        hold a checkpoint's config.json."""
+        config = _from_mapping(cls, block, "")
+        config.check_drafter_path()
+        return config
+
+    @classmethod
+    def from_rollout_config(cls, rollout_config) -> "ReSpecConfig":
+        """Read the block from verl's RolloutConfig (dataclass or DictConfig) ``custom.respec``."""
+        custom = getattr(rollout_config, "custom", None) or {}
+        return cls.from_mapping(custom.get("respec"))
+
+    def check_drafter_path(self) -> None:
+        if self.uses_drafter_checkpoint and not os.path.isfile(os.path.join(self.drafter_path, "config.json")):
+            raise bad_value("drafter_path", self.drafter_path, "no config.json there; point it at a drafter "
+                            "checkpoint directory (config.json + safetensors).")
+
+    def speculative_config(self) -> dict[str, Any] | None:
+        """vLLM's ``speculative_config`` for this block, or None when speculation is off."""
+        if not self.speculation_enabled:
+            return None
+        spec: dict[str, Any] = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
+        if self.tuner.enabled:
+            # The engine drafts up to k_max; the tuner's scheduler narrows it per batch size at run time. vLLM's
+            # schedule carries the last entry forward, so this one entry serves the default k at every size.
+            spec["num_speculative_tokens"] = self.tuner.k_max
+            spec["num_speculative_tokens_per_batch_size"] = [(1, 1, self.num_speculative_tokens)]
+        if self.method == "ngram":
+            spec["prompt_lookup_max"] = self.prompt_lookup_max
+            spec["prompt_lookup_min"] = self.prompt_lookup_min
+        else:
+            spec["model"] = self.drafter_path
+        return spec
+
+    def check_against_actor(self, actor_hf_config) -> None:
+        """Fail early on a drafter that cannot serve this actor (vLLM would fail late, or draft garbage)."""
+        if not self.uses_drafter_checkpoint:
+            return
+        with open(os.path.join(self.drafter_path, "config.json")) as f:
+            drafter_config = json.load(f)
+        actor_vocab = getattr(actor_hf_config, "vocab_size", None)
+        drafter_vocab = drafter_config.get("vocab_size")
+        if actor_vocab is not None and drafter_vocab is not None and drafter_vocab != actor_vocab:
+            raise bad_value("drafter_path", self.drafter_path, f"the drafter's vocab_size is {drafter_vocab} but the "
+                            f"actor's is {actor_vocab}; use a drafter trained for this actor's tokenizer.")
+        if self.method == "eagle3":
+            hidden = drafter_config.get("target_hidden_size") or drafter_config.get("hidden_size")
+            actor_hidden = getattr(actor_hf_config, "hidden_size", None)
+            if actor_hidden is not None and hidden is not None and hidden != actor_hidden:
+                raise bad_value("drafter_path", self.drafter_path, f"the EAGLE-3 drafter expects target hidden size "
+                                f"{hidden} but the actor's is {actor_hidden}; use a drafter trained for this actor.")
