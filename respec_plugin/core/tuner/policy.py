@@ -1,22 +1,22 @@
 """The tuner's policy: one k (0 = speculation off) per batch-size bucket, maximizing goodput, exploring a little.
 
 A bucket's k (its incumbent) changes only by a paired trial: the next rollout runs the incumbent and one challenger
-k in alternating blocks of engine steps (respec_plugin/integrations/vllm/scheduler.py), and the challenger takes over if its
-tokens/s over those same stretches is higher. Comparing tokens/s measured in different rollouts compared the
-machine's moods as much as the ks (a 2-core machine drifts by ~20% within minutes; the sweep's second run chose
-k = 3 where k = 1 was best from such numbers); a trial compares numbers measured seconds apart, batch size by batch
-size: in a bucket the rollout drains through, the later block runs fewer requests, and tokens/s over the whole
-bucket favoured whichever side ran first (the sweep's long tail chose SD-off at 5-8 requests that way).
+k in alternating blocks of engine steps (respec_plugin/integrations/vllm/scheduler.py), and the challenger takes over
+if its tokens/s over those same stretches is higher. Why paired: a machine's speed drifts within minutes, so tokens/s
+measured in different rollouts compare the machine's moods as much as the ks; a trial compares numbers measured
+seconds apart. And batch size by batch size: in a bucket the rollout drains through, the later block runs fewer
+requests, so tokens/s over the whole bucket would favour whichever side ran first (benchmarks/README.md has the
+tuner sweep's measurements).
 
 Which challenger: SD-off first, wherever a bucket ran speculation without a trial against it (the anchor every k is
 compared with; it also gives the step-time model a second k to predict the others from). Then, of the ks that have
 not lost a trial to the incumbent, the one with the best tokens/s estimate, if that beats the incumbent's: measured
 where the engine ran that (bucket, k) for ``min_steps`` decode steps, predicted by the cost model elsewhere. An
-estimate only proposes a trial, so it needs no margin for the model's error (on the lab's CPU engine the linear
-step-time model was off by 8-32% per step in the sweep's runs, ``respec/tuner/step_time_error``: as a margin that
-kept predicted ks untried). Otherwise, with probability ``explore``, a neighbouring k or SD-off, so every estimate
-stays fresh as the drafter and the actor change. A trial runs until both sides have ``min_steps`` decode steps at batch
-sizes both ran (a rarely visited bucket may take several rollouts); it costs at most half a bucket's steps.
+estimate only proposes a trial, so it needs no margin for the model's error (``respec/tuner/step_time_error``
+reports that error; a margin large enough to cover it would keep predicted ks untried). Otherwise, with probability
+``explore``, a neighbouring k or SD-off, so every estimate stays fresh as the drafter and the actor change. A trial
+runs until both sides have ``min_steps`` decode steps at batch sizes both ran (a rarely visited bucket may take
+several rollouts); it costs at most half a bucket's steps.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from respec_plugin.core.config import TunerConfig
 from respec_plugin.core.spec_stats import RequestSpecStats
 from respec_plugin.core.tuner.channel import Schedule, StepRecord
 from respec_plugin.core.tuner.cost_model import AcceptanceModel, StepTimeModel, predicted_goodput
+from respec_plugin.core.tuner.throughput import Throughput, Trial
+
+# The layout of :meth:`Tuner.state_dict`; bump it when that layout changes.
+STATE_FORMAT = 1
 
 
 class Estimate(NamedTuple):
@@ -62,14 +66,12 @@ class Tuner:
         self.ranges = bucket_ranges(config.buckets, max_batch_size)
         self.time_model = StepTimeModel.empty()
         self.acceptance = AcceptanceModel.empty()
-        # measured[(bucket, k)] = [decayed tokens, decayed seconds, decayed steps, decayed Σ batch size]
-        self.measured: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+        # The decode steps each (bucket, k) ran, faded by ``forget`` per update.
+        self.measured: dict[tuple[int, int], Throughput] = defaultdict(Throughput)
         self.choice = [default_k] * len(self.ranges)
-        # Per bucket: the k on trial against the incumbent (None: no trial), the trial's evidence per batch size
-        # {batch size: [incumbent tokens, seconds, steps, challenger tokens, seconds, steps]}, and the ks that lost to
-        # the incumbent.
-        self.challenger: list[int | None] = [None] * len(self.ranges)
-        self.trial: list[dict[int, list[float]]] = [{} for _ in self.ranges]
+        # Per bucket: the trial of a challenger against the incumbent (None: no trial), and the ks that lost to the
+        # incumbent.
+        self.trials: list[Trial | None] = [None] * len(self.ranges)
         self.beaten: list[set[int]] = [set() for _ in self.ranges]
         self.version = 0
         self._rng = random.Random(seed)
@@ -92,14 +94,10 @@ class Tuner:
         forget = self.config.forget
         self.time_model.observe(decode, forget)
         self.acceptance.observe(requests, forget)
-        for stats in self.measured.values():
-            stats[:] = [v * forget for v in stats]
+        for throughput in self.measured.values():
+            throughput.decay(forget)
         for s in decode:
-            stats = self.measured[(self.bucket(s), s.k)]
-            stats[0] += s.num_generated_tokens
-            stats[1] += s.duration_s
-            stats[2] += 1.0
-            stats[3] += s.batch_size
+            self.measured[(self.bucket(s), s.k)].add(s)
         self._add_trial_evidence(steps)
         settled = [self._settle(bucket) for bucket in range(len(self.ranges))]
         if any(result is not None for result in settled):
@@ -109,7 +107,7 @@ class Tuner:
 
     def _on_trial(self, step: StepRecord) -> bool:
         """Whether this step ran under the current schedule in a bucket with a trial."""
-        return step.schedule_version == self.version and self.challenger[self.bucket(step)] is not None
+        return step.schedule_version == self.version and self.trials[self.bucket(step)] is not None
 
     def _add_trial_evidence(self, steps: list[StepRecord]) -> None:
         """Add the trial buckets' decode steps to their side of the trial. The first step of each block is left out:
@@ -121,37 +119,26 @@ class Tuner:
             if switched or not _timed_decode(step) or not self._on_trial(step):
                 continue
             bucket = self.bucket(step)
-            expected = self.challenger[bucket] if step.alternate else self.choice[bucket]
+            trial = self.trials[bucket]
+            expected = trial.challenger if step.alternate else self.choice[bucket]
             if step.k != expected:  # not the k the trial put there (should not happen): no evidence for it
                 continue
-            side = 3 if step.alternate else 0
-            evidence = self.trial[bucket].setdefault(step.batch_size, [0.0] * 6)
-            evidence[side] += step.num_generated_tokens
-            evidence[side + 1] += step.duration_s
-            evidence[side + 2] += 1.0
+            trial.add(step)
 
     def _settle(self, bucket: int) -> bool | None:
-        """End the bucket's trial once both sides have ``min_steps`` steps at batch sizes both ran: True if the
-        challenger won (its tokens/s over the incumbent's, averaged over those batch sizes weighted by their steps,
-        is above 1), False if it lost, None while there is no trial or it goes on."""
-        challenger = self.challenger[bucket]
-        if challenger is None:
+        """End the bucket's trial once both sides have ``min_steps`` steps at batch sizes both ran (see
+        :meth:`Trial.verdict`): True if the challenger won and is the bucket's k now, False if it lost, None while
+        there is no trial or it goes on."""
+        trial = self.trials[bucket]
+        won = trial.verdict(self.config.min_steps) if trial is not None else None
+        if won is None:
             return None
-        # (steps, challenger tokens/s over the incumbent's) per batch size both ran; only steps with a positive
-        # duration are evidence, so both sides' seconds are > 0 there.
-        matched = [(min(e[2], e[5]), (e[3] / e[4]) / (e[0] / e[1])) for e in self.trial[bucket].values()
-                   if min(e[2], e[5]) > 0]
-        steps = sum(weight for weight, _ in matched)
-        if steps < self.config.min_steps:
-            return None
-        won = sum(weight * speedup for weight, speedup in matched) / steps > 1.0
         if won:
             self.beaten[bucket] = {self.choice[bucket]}
-            self.choice[bucket] = challenger
+            self.choice[bucket] = trial.challenger
         else:
-            self.beaten[bucket].add(challenger)
-        self.challenger[bucket] = None
-        self.trial[bucket] = {}
+            self.beaten[bucket].add(trial.challenger)
+        self.trials[bucket] = None
         return won
 
     def bucket(self, step: StepRecord) -> int:
@@ -168,22 +155,24 @@ class Tuner:
         start, end = self.ranges[bucket]
         estimates = {}
         for k in range(self.config.k_max + 1):
-            tokens, seconds, steps, batch_sum = self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))
-            if steps >= self.config.min_steps and seconds > 0:
-                estimates[k] = Estimate(tokens / seconds, measured=True)
+            throughput = self.measured.get((bucket, k), Throughput())
+            if throughput.steps >= self.config.min_steps and throughput.seconds > 0:
+                estimates[k] = Estimate(throughput.rate, measured=True)
             elif model_ready:
                 batch = self._typical_batch(bucket) or math.sqrt(start * end)
                 estimates[k] = Estimate(predicted_goodput(self.time_model, self.acceptance, round(batch), k), False)
         return estimates
 
     def _typical_batch(self, bucket: int) -> float | None:
-        steps = sum(self.measured[key][2] for key in self.measured if key[0] == bucket)
-        batch_sum = sum(self.measured[key][3] for key in self.measured if key[0] == bucket)
-        return batch_sum / steps if steps > 0 else None
+        """The mean batch size of the bucket's measured steps, whatever their k (None before any)."""
+        return sum((t for (b, _), t in self.measured.items() if b == bucket), Throughput()).mean_batch
+
+    def _steps(self, bucket: int, k: int) -> float:
+        """The bucket's (decayed) measured steps at k."""
+        return self.measured.get((bucket, k), Throughput()).steps
 
     def _ran_speculation(self, bucket: int) -> bool:
-        return any(self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] > 0
-                   for k in range(1, self.config.k_max + 1))
+        return any(self._steps(bucket, k) > 0 for k in range(1, self.config.k_max + 1))
 
     def schedule(self) -> Schedule:
         """Choose every bucket's trial for the next rollout (static mode: the configured k everywhere, no trials) and
@@ -191,12 +180,13 @@ class Tuner:
         self.version += 1
         for bucket in range(len(self.ranges)):
             if self.config.mode == "static":
-                self.choice[bucket], self.challenger[bucket] = self.default_k, None
+                self.choice[bucket], self.trials[bucket] = self.default_k, None
                 continue
             # One coin per bucket and update, drawn whatever is decided, so a resumed run draws as the original.
             explore = self.config.explore > 0 and self._rng.random() < self.config.explore
-            if self.challenger[bucket] is None:
-                self.challenger[bucket] = self._next_challenger(bucket, explore)
+            if self.trials[bucket] is None:
+                challenger = self._next_challenger(bucket, explore)
+                self.trials[bucket] = Trial(challenger) if challenger is not None else None
         return self.current_schedule()
 
     def _next_challenger(self, bucket: int, explore: bool) -> int | None:
@@ -211,9 +201,13 @@ class Tuner:
                 return best
         if explore:
             neighbours = sorted({incumbent - 1, incumbent + 1, 0} & set(range(self.config.k_max + 1)) - {incumbent})
-            steps = {k: self.measured.get((bucket, k), (0.0, 0.0, 0.0, 0.0))[2] for k in neighbours}
-            return min(neighbours, key=lambda k: (steps[k], k))
+            return min(neighbours, key=lambda k: (self._steps(bucket, k), k))
         return None
+
+    @property
+    def challengers(self) -> list[int | None]:
+        """Per bucket, the k on trial against the incumbent (None: no trial)."""
+        return [trial.challenger if trial is not None else None for trial in self.trials]
 
     def current_schedule(self) -> Schedule:
         """The chosen k per bucket as vLLM's ``num_speculative_tokens_per_batch_size`` (equal neighbours merged)."""
@@ -221,9 +215,9 @@ class Tuner:
 
     def alternate_schedule(self) -> Schedule | None:
         """The schedule of the trial blocks (the challengers where a bucket has one), or None without trials."""
-        if all(k is None for k in self.challenger):
+        if all(trial is None for trial in self.trials):
             return None
-        return _merged(zip(self.ranges, (c if c is not None else k for k, c in zip(self.choice, self.challenger))))
+        return _merged(zip(self.ranges, (c if c is not None else k for k, c in zip(self.choice, self.challengers))))
 
     def schedule_metrics(self) -> dict[str, float]:
         """The installed choice per bucket, ``respec/tuner/k_by_bucket/<start>-<end>``, and the challenger of each
@@ -231,7 +225,7 @@ class Tuner:
         metrics = {f"respec/tuner/k_by_bucket/{start}-{end}": float(k)
                    for (start, end), k in zip(self.ranges, self.choice)}
         metrics.update({f"respec/tuner/trial_k_by_bucket/{start}-{end}": float(k)
-                        for (start, end), k in zip(self.ranges, self.challenger) if k is not None})
+                        for (start, end), k in zip(self.ranges, self.challengers) if k is not None})
         return metrics
 
     # ----- checkpoint ---------------------------------------------------------------------------------------
@@ -239,13 +233,16 @@ class Tuner:
     def state_dict(self) -> dict[str, Any]:
         """Everything learnt, as JSON-able data (saved with verl checkpoints)."""
         return {
+            "format": STATE_FORMAT,
             "ranges": [list(r) for r in self.ranges],
             "time_model": self.time_model.state_dict(),
             "acceptance": self.acceptance.state_dict(),
-            "measured": [[bucket, k, *stats] for (bucket, k), stats in self.measured.items()],
+            # [[bucket, k, tokens, seconds, steps, Σ batch size], ...]
+            "measured": [[bucket, k, *throughput.as_list()] for (bucket, k), throughput in self.measured.items()],
             "choice": list(self.choice),
-            "challenger": list(self.challenger),
-            "trial": [[[b, *evidence] for b, evidence in by_batch.items()] for by_batch in self.trial],
+            # Per bucket: the challenger k (None: no trial) and its trial's evidence (see Trial.evidence_state).
+            "challenger": self.challengers,
+            "trial": [trial.evidence_state() if trial is not None else [] for trial in self.trials],
             "beaten": [sorted(ks) for ks in self.beaten],
             "version": self.version,
             # The exploration coin: a resumed run explores exactly as the uninterrupted one would have.
@@ -253,25 +250,27 @@ class Tuner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if [tuple(r) for r in state["ranges"]] != self.ranges:
-            # Measurements are per bucket: with other buckets only the cost model carries over.
-            state = {**state, "measured": [], "choice": [self.default_k] * len(self.ranges), "challenger": None}
+        """Restore :meth:`state_dict`'s data (ValueError for another format). Saved with other buckets, only the
+        cost model, the schedule version and the exploration coin carry over: the rest is per bucket."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"tuner state has format {state.get('format')!r}, this respec reads format "
+                             f"{STATE_FORMAT}; start the tuner afresh (drop the saved tuner state)")
         self.time_model = StepTimeModel.from_state_dict(state["time_model"])
         self.acceptance = AcceptanceModel.from_state_dict(state["acceptance"])
-        self.measured.clear()
-        for bucket, k, *stats in state["measured"]:
-            self.measured[(int(bucket), int(k))] = [float(v) for v in stats]
-        self.choice = [int(k) for k in state["choice"]]
-        # Trials are per bucket too; states saved before trials were kept (or with other buckets) start none.
-        if state.get("challenger") is None:
-            state = {**state, "challenger": [None] * len(self.ranges), "trial": [[] for _ in self.ranges],
-                     "beaten": [[] for _ in self.ranges]}
-        self.challenger = [None if k is None else int(k) for k in state["challenger"]]
-        self.trial = [_trial_evidence(by_batch) for by_batch in state["trial"]]
-        self.beaten = [{int(k) for k in ks} for ks in state["beaten"]]
         self.version = int(state["version"])
-        if "rng" in state:  # absent in states saved before it was kept
-            self._rng.setstate(_tuples(state["rng"]))
+        self._rng.setstate(_tuples(state["rng"]))
+        self.measured.clear()
+        if [tuple(r) for r in state["ranges"]] != self.ranges:
+            self.choice = [self.default_k] * len(self.ranges)
+            self.trials = [None] * len(self.ranges)
+            self.beaten = [set() for _ in self.ranges]
+            return
+        for bucket, k, *throughput in state["measured"]:
+            self.measured[(int(bucket), int(k))] = Throughput.from_list(throughput)
+        self.choice = [int(k) for k in state["choice"]]
+        self.trials = [Trial.from_state(k, evidence) if k is not None else None
+                       for k, evidence in zip(state["challenger"], state["trial"], strict=True)]
+        self.beaten = [{int(k) for k in ks} for ks in state["beaten"]]
 
 
 def _timed_decode(step: StepRecord) -> bool:
@@ -288,14 +287,6 @@ def _merged(ks_by_range: Iterable[tuple[tuple[int, int], int]]) -> Schedule:
         else:
             schedule.append((start, end, k))
     return schedule
-
-
-def _trial_evidence(saved: list) -> dict[int, list[float]]:
-    """A bucket's trial evidence from a state: ``[[batch size, *evidence], ...]``. States saved before the evidence was
-    kept per batch size hold one flat list of six numbers per bucket: that trial starts over (its challenger stays)."""
-    if saved and not isinstance(saved[0], list):
-        return {}
-    return {int(batch_size): [float(v) for v in evidence] for batch_size, *evidence in saved}
 
 
 def _jsonable(value: Any) -> Any:

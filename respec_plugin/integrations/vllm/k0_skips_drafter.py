@@ -4,8 +4,8 @@ speculation off costs what a plain engine's decode step costs.
 Why: at k = 0 vLLM still runs the drafter's first forward every step, "to keep the drafter KV cache in sync"
 (``propose`` in vllm/v1/spec_decode/llm_base_proposer.py, called from ``GPUModelRunner.propose_draft_token_ids`` in
 vllm/v1/worker/gpu_model_runner.py, which the CPU runner inherits). That forward, its input preparation and attention
-metadata made k = 0 in the lab's EAGLE-3 engine 13-27% slower than a plain engine (measured by benchmarks/tuner_sweep.py
-before this skip; with it, 0.94-1.02x), so the tuner could not match SD-off where speculation does not pay.
+metadata make a k = 0 step cost more than a plain engine's decode step, so without the skip the tuner could not match
+SD-off where speculation does not pay (benchmarks/README.md has the tuner sweep's measurements of k = 0).
 What it costs: the drafter's KV cache has no entries for the tokens generated at k = 0, so drafts after such a
 stretch (the long tail of a rollout) may be accepted less; they are never wrong, as the target verifies every draft
 (vLLM skips the drafter the same way when a request outgrows the drafter's length, ``_input_fits_in_drafter``).

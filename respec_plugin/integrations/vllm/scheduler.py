@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -55,6 +56,17 @@ _FLUSH_INTERVAL_S = 0.5
 ALTERNATE_BLOCK_STEPS = 8
 
 
+class PendingStep(NamedTuple):
+    """What ``schedule()`` knew of a step, kept until ``update_from_output`` completes its :class:`StepRecord`."""
+
+    start: float  # perf_counter() when schedule() was entered
+    batch_size: int
+    k: int
+    num_draft_tokens: int
+    num_scheduled_tokens: int
+    alternate: bool
+
+
 class ReSpecScheduler(Scheduler):
     """vLLM's scheduler with a live-updatable ``dynamic_sd_lookup`` and per-step measurements."""
 
@@ -75,7 +87,8 @@ class ReSpecScheduler(Scheduler):
         # (main, alternate) lookups while a trial runs, and the steps scheduled since they were installed.
         self._lookups: tuple[list[int], list[int]] | None = None
         self._steps_since_install = 0
-        self._pending: dict[int, tuple[float, int, int, int, int, bool]] = {}
+        # Steps scheduled and not yet completed, by id() of their SchedulerOutput.
+        self._pending: dict[int, PendingStep] = {}
         self._busy_since: float | None = None
         self._records: list[StepRecord] = []
         self._last_flush = time.perf_counter()
@@ -96,13 +109,13 @@ class ReSpecScheduler(Scheduler):
         if output.total_num_scheduled_tokens > 0:
             self._steps_since_install += 1
             num_draft_tokens = sum(len(ids) for ids in output.scheduled_spec_decode_tokens.values())
-            self._pending[id(output)] = (
-                start,
-                len(output.num_scheduled_tokens),
-                output.num_spec_tokens_to_schedule,
-                num_draft_tokens,
-                output.total_num_scheduled_tokens,
-                alternate,
+            self._pending[id(output)] = PendingStep(
+                start=start,
+                batch_size=len(output.num_scheduled_tokens),
+                k=output.num_spec_tokens_to_schedule,
+                num_draft_tokens=num_draft_tokens,
+                num_scheduled_tokens=output.total_num_scheduled_tokens,
+                alternate=alternate,
             )
         return output
 
@@ -111,18 +124,17 @@ class ReSpecScheduler(Scheduler):
         pending = self._pending.pop(id(scheduler_output), None)
         if pending is not None:
             end = time.perf_counter()
-            start, batch_size, k, num_draft_tokens, num_scheduled_tokens, alternate = pending
             self._records.append(
                 StepRecord(
-                    batch_size=batch_size,
-                    k=k,
-                    num_draft_tokens=num_draft_tokens,
-                    num_scheduled_tokens=num_scheduled_tokens,
+                    batch_size=pending.batch_size,
+                    k=pending.k,
+                    num_draft_tokens=pending.num_draft_tokens,
+                    num_scheduled_tokens=pending.num_scheduled_tokens,
                     num_generated_tokens=sum(len(ids) for ids in model_runner_output.sampled_token_ids),
-                    duration_s=end - (start if self._busy_since is None else self._busy_since),
+                    duration_s=end - (pending.start if self._busy_since is None else self._busy_since),
                     end_time=time.time(),
                     schedule_version=self.respec_schedule_version,
-                    alternate=alternate,
+                    alternate=pending.alternate,
                 )
             )
             # The next step starts right away when requests remain; otherwise idle time must not count.

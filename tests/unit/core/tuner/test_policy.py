@@ -8,7 +8,8 @@ import pytest
 
 from respec_plugin.core.config import ReSpecConfigError, TunerConfig
 from respec_plugin.core.tuner.channel import StepRecord
-from respec_plugin.core.tuner.policy import Estimate, Tuner, bucket_ranges
+from respec_plugin.core.tuner.policy import STATE_FORMAT, Estimate, Tuner, bucket_ranges
+from respec_plugin.core.tuner.throughput import Throughput, Trial
 from tests.unit.core.tuner.records import request
 
 ALPHA = 0.7  # per-position acceptance of the simulated drafter
@@ -85,8 +86,8 @@ def test_safe_default_then_one_sd_off_anchor_then_the_best_k_without_exploring()
     run(tuner, 1)  # only k=3 measured: no SD-off estimate to compare with, so the buckets that ran try it
     ran = {i for i, (start, end) in enumerate(tuner.ranges) if any(start <= b <= end for b in BATCH_SIZES)}
     assert tuner.choice == [3] * len(tuner.ranges)  # the choice changes by trials only
-    assert all((k == 0) == (bucket in ran) for bucket, k in enumerate(tuner.challenger) if k is not None)
-    assert all(tuner.challenger[bucket] is None for bucket in range(len(tuner.ranges)) if bucket not in ran)
+    assert all((k == 0) == (bucket in ran) for bucket, k in enumerate(tuner.challengers) if k is not None)
+    assert all(tuner.challengers[bucket] is None for bucket in range(len(tuner.ranges)) if bucket not in ran)
     metrics = run(tuner, 1)  # the trials against SD-off settle: it wins at large batch sizes only
     assert metrics["respec/tuner/trials_settled"] == len(ran)
     assert [tuner.choice[tuner.bucket(step)] for step in simulate(tuner)[0][::24]] == [
@@ -122,7 +123,7 @@ def trial_step(k, alternate, seconds, batch_size=6, version=0):
 def test_a_trial_compares_the_two_ks_on_the_same_steps_only():
     """Steps of another schedule version, and the first step of each block, are no evidence for the trial."""
     tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=2), default_k=2, max_batch_size=8)
-    tuner.challenger = [None, None, None, 1]  # buckets 1, 2, 3-4, 5-8: a trial of k=1 against k=2 at 5-8
+    tuner.trials = [None, None, None, Trial(challenger=1)]  # buckets 1, 2, 3-4, 5-8: k=1 against k=2 at 5-8
     # k=2 takes 1 s per step, k=1 2 s; the block starts (0.1 s, and 10 s) and another version (0.01 s) would
     # turn the verdict around if they counted.
     blocks = [trial_step(2, False, 0.1), trial_step(2, False, 1.0), trial_step(2, False, 1.0),
@@ -130,7 +131,7 @@ def test_a_trial_compares_the_two_ks_on_the_same_steps_only():
               trial_step(1, True, 0.01, version=-1)]
     metrics = tuner.observe(blocks, [])
     assert metrics["respec/tuner/trials_settled"] == 1 and metrics["respec/tuner/trials_won"] == 0
-    assert tuner.choice[3] == 2 and tuner.beaten[3] == {1} and tuner.challenger[3] is None
+    assert tuner.choice[3] == 2 and tuner.beaten[3] == {1} and tuner.trials[3] is None
     assert tuner.alternate_schedule() is None
 
 
@@ -138,7 +139,7 @@ def test_a_trial_compares_the_two_ks_at_the_batch_sizes_both_ran():
     """As a rollout drains through a bucket, the later block runs fewer requests: the sides are compared batch size
     by batch size, and batch sizes only one side ran are no evidence."""
     tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=3), default_k=2, max_batch_size=8)
-    tuner.challenger = [None, None, None, 1]
+    tuner.trials = [None, None, None, Trial(challenger=1)]
     # At every batch size k=1 takes 0.9 s per step where k=2 takes 1 s, and both generate the same tokens; but k=2
     # ran most of its steps at 8 requests, k=1 at 6: over the whole bucket k=2 made 14.9 tokens/s, k=1 13.7.
     incumbent = [trial_step(2, False, 1.0, batch_size=b) for b in (8, 8, 8, 8, 8, 8, 8, 7)]
@@ -146,15 +147,6 @@ def test_a_trial_compares_the_two_ks_at_the_batch_sizes_both_ran():
     drained = [trial_step(2, False, 1.0, batch_size=6) for _ in range(3)]
     metrics = tuner.observe(incumbent + challenger + drained, [])
     assert metrics["respec/tuner/trials_won"] == 1 and tuner.choice[3] == 1
-
-
-def test_a_trial_saved_before_evidence_per_batch_size_starts_over():
-    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0), default_k=2, max_batch_size=8)
-    tuner.challenger = [None, None, None, 1]
-    state = tuner.state_dict()
-    state["trial"] = [[0.0] * 6, [0.0] * 6, [0.0] * 6, [40.0, 4.0, 4.0, 30.0, 2.0, 3.0]]  # the earlier format
-    tuner.load_state_dict(state)
-    assert tuner.challenger == [None, None, None, 1] and tuner.trial == [{}, {}, {}, {}]
 
 
 def test_the_challenger_is_the_best_estimate_that_has_not_lost_to_the_incumbent():
@@ -165,8 +157,8 @@ def test_the_challenger_is_the_best_estimate_that_has_not_lost_to_the_incumbent(
     assert tuner._next_challenger(0, explore=False) == 1  # predicted 4% above the incumbent: worth a trial
     tuner.beaten[0] = {1}
     assert tuner._next_challenger(0, explore=False) is None  # nothing else beats the incumbent's 120
-    tuner.measured[(0, 0)] = [2000.0, 20.0, 20.0, 20.0]
-    tuner.measured[(0, 1)] = [1250.0, 10.0, 10.0, 10.0]
+    tuner.measured[(0, 0)] = Throughput(tokens=2000.0, seconds=20.0, steps=20.0, batch_sum=20.0)
+    tuner.measured[(0, 1)] = Throughput(tokens=1250.0, seconds=10.0, steps=10.0, batch_sum=10.0)
     assert tuner._next_challenger(0, explore=True) == 3  # a neighbour or SD-off: the least measured one
     estimates[3] = Estimate(130.0, False)
     assert tuner._next_challenger(0, explore=False) == 3
@@ -193,7 +185,7 @@ def test_metrics():
     assert {key for key in by_bucket if "/k_by_bucket/" in key} == {
         f"respec/tuner/k_by_bucket/{s}-{e}" for s, e in tuner.ranges}
     assert {key for key in by_bucket if "/trial_k_by_bucket/" in key} == {
-        f"respec/tuner/trial_k_by_bucket/{s}-{e}" for (s, e), k in zip(tuner.ranges, tuner.challenger) if k is not None}
+        f"respec/tuner/trial_k_by_bucket/{s}-{e}" for (s, e), k in zip(tuner.ranges, tuner.challengers) if k is not None}
 
 
 def test_static_mode_keeps_k():
@@ -220,7 +212,38 @@ def test_state_round_trip():
         run(tuner, 1)
         run(restored, 1)
         assert restored.current_schedule() == tuner.current_schedule()
-        assert restored.challenger == tuner.challenger and restored.trial == tuner.trial
+        assert restored.trials == tuner.trials
+
+
+def test_a_trial_under_way_round_trips_through_json():
+    tuner = Tuner(TunerConfig(mode="adaptive", explore=0.0, min_steps=100), default_k=2, max_batch_size=8)
+    tuner.trials = [None, None, None, Trial(challenger=1)]
+    tuner.observe([trial_step(2, False, 1.0)] * 3 + [trial_step(1, True, 0.9)] * 3, [])  # too few steps to settle
+    assert tuner.trials[3].evidence[6].challenger.steps == 2  # the first step of each block is no evidence
+    restored = Tuner(tuner.config, default_k=2, max_batch_size=8)
+    restored.load_state_dict(json.loads(json.dumps(tuner.state_dict())))
+    assert restored.trials == tuner.trials and restored.measured == tuner.measured
+
+
+def test_a_state_of_another_format_is_refused():
+    tuner = Tuner(TunerConfig(mode="adaptive"), default_k=2, max_batch_size=8)
+    state = tuner.state_dict()
+    assert state["format"] == STATE_FORMAT
+    with pytest.raises(ValueError, match=f"format 0.*format {STATE_FORMAT}"):
+        tuner.load_state_dict({**state, "format": 0})
+    with pytest.raises(ValueError, match=f"format None.*format {STATE_FORMAT}"):
+        tuner.load_state_dict({key: value for key, value in state.items() if key != "format"})
+
+
+def test_with_other_buckets_only_the_cost_model_carries_over():
+    config = TunerConfig(mode="adaptive", explore=0.2)
+    tuner = Tuner(config, default_k=3, max_batch_size=256, seed=3)
+    tuner.schedule()
+    run(tuner, 5)
+    other = Tuner(TunerConfig(mode="adaptive", explore=0.2, buckets=(1, 4, 16)), default_k=3, max_batch_size=256)
+    other.load_state_dict(tuner.state_dict())
+    assert other.time_model.state_dict() == tuner.time_model.state_dict() and not other.measured
+    assert other.choice == [3] * len(other.ranges) and other.challengers == [None] * len(other.ranges)
 
 
 def test_config_errors_name_the_key():
