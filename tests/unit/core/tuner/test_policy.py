@@ -185,7 +185,8 @@ def test_metrics():
     assert {key for key in by_bucket if "/k_by_bucket/" in key} == {
         f"respec/tuner/k_by_bucket/{s}-{e}" for s, e in tuner.ranges}
     assert {key for key in by_bucket if "/trial_k_by_bucket/" in key} == {
-        f"respec/tuner/trial_k_by_bucket/{s}-{e}" for (s, e), k in zip(tuner.ranges, tuner.challengers) if k is not None}
+        f"respec/tuner/trial_k_by_bucket/{s}-{e}"
+        for (s, e), k in zip(tuner.ranges, tuner.challengers) if k is not None}
 
 
 def test_static_mode_keeps_k():
