@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 from pathlib import Path
 
+import common
 from respec_lab.build import build_lab
-from respec_lab.launch import grpo_command, respec_overrides, run_logged
+from respec_lab.launch import respec_overrides
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_kd_overlap", "online_rwkd_floor", "day0",
         "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
@@ -58,24 +56,20 @@ def overrides(lab, name: str, args) -> list[str]:
 
 def run(lab, name: str, args, extra_respec: tuple[str, ...] = (), experiment: str = "bench_drift") -> dict:
     """One GRPO run of ``name`` (``extra_respec``: more respec overrides) under ``outputs/<experiment>/<name>``."""
-    experiment_dir = REPO / "outputs" / experiment / name
     respec = overrides(lab, name, args) + list(extra_respec)
-    argv, env = grpo_command(
-        lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
-        rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
-        train_batch_size=args.train_batch_size, n=args.n, seed=args.seed, max_response_length=args.max_response_length,
+    result = common.lab_grpo_run(
+        lab, experiment, name, rollout_name="vllm" if name == "vllm" else "respec", timeout_s=args.timeout_s,
+        total_steps=args.steps, train_batch_size=args.train_batch_size, n=args.n, seed=args.seed,
+        max_response_length=args.max_response_length,
         extra_overrides=[f"actor_rollout_ref.actor.optim.lr={args.actor_lr}", *respec],
     )
-    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
     steps = sorted(result.metrics)
     if not steps:
         raise SystemExit(f"{name} run logged no step (exit {result.returncode}); see {result.log_path}")
-    if not result.ok:
-        logging.warning("%s run stopped after %d steps (exit %s); keeping them. Log: %s", name, len(steps),
-                        result.returncode, result.log_path)
+    common.warn_if_cut_short(name, result)
 
     def series(key: str) -> list[float | None]:
-        return [result.metrics[s].get(key) for s in steps]
+        return common.metric_series(result, key)
 
     return {
         "respec_overrides": respec,
@@ -127,11 +121,7 @@ def summarise(name: str, r: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     paired = {name: r for name, r in report["runs"].items() if (r.get("held_out_acceptance_initial") or [None])[0]}
     fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4))
     ax_accept, ax_reward = axes[0], axes[1]
@@ -162,7 +152,7 @@ def plot(report: dict, path: Path) -> None:
 
 def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     """The GRPO run and learner options (benchmarks/learner_replay.py records its run with the same ones)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(description)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", default="static,online_kd,online_rwkd,day0")
@@ -184,20 +174,15 @@ def arguments(description: str = __doc__) -> argparse.ArgumentParser:
 
 def main() -> None:
     args = arguments().parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    names = [n for n in args.runs.split(",") if n]
-    unknown = set(names) - set(RUNS)
-    if unknown:
-        raise SystemExit(f"--runs has unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+    common.setup_logging()
+    names = common.selected(args.runs, RUNS, "--runs", "run")
 
     lab = build_lab(args.preset)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "runs": {}, "summary": {}}
     for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
         report["runs"][name] = run(lab, name, args)
         report["summary"][name] = summarise(name, report["runs"][name])
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-        plot(report, RESULTS / f"{args.name}.png")
+        common.write_results(args.name, report, plot)
         print(name, json.dumps(report["summary"][name]), flush=True)
 
 

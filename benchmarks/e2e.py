@@ -30,15 +30,14 @@ every run, so a cut-short benchmark keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
 import time
 from pathlib import Path
 
+import common
 from respec_lab.build import build_lab
-from respec_lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
+from respec_lab.launch import respec_overrides, rollout_tokens_per_s
 from respec_plugin.core.report import (
     ACCEPT_LENGTH,
     LEARNER_LOSS,
@@ -50,8 +49,6 @@ from respec_plugin.core.report import (
     draw_dashboard,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 RUNS = ("vllm", "nosd", "ngram", "static", "full")
 SPAN_BASELINE = "nosd"  # the dashboard's rollout speedup: span tokens/s vs respec's server without speculation
 # Rollout tokens/s as verl measures it for any backend (generated tokens / timing_s/gen, quantised by its 2 s poll);
@@ -80,17 +77,12 @@ def overrides(lab, name: str, args) -> list[str]:
 
 
 def run(lab, name: str, args) -> dict:
-    experiment_dir = REPO / "outputs" / "bench_e2e" / name
-    argv, env = grpo_command(
-        lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
-        rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
-        train_batch_size=args.train_batch_size, n=args.n, seed=args.seed, max_response_length=args.max_response_length,
-        extra_overrides=overrides(lab, name, args),
+    result = common.lab_grpo_run(
+        lab, "bench_e2e", name, rollout_name="vllm" if name == "vllm" else "respec", timeout_s=args.timeout_s,
+        total_steps=args.steps, train_batch_size=args.train_batch_size, n=args.n, seed=args.seed,
+        max_response_length=args.max_response_length, extra_overrides=overrides(lab, name, args),
     )
-    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
-    if not result.ok:
-        logging.warning("%s run stopped after %d steps (exit %s); keeping them. Log: %s", name, len(result.metrics),
-                        result.returncode, result.log_path)
+    common.warn_if_cut_short(name, result)
     sequences = args.train_batch_size * args.n
     per_step = {}
     for step, metrics in result.metrics.items():
@@ -135,7 +127,7 @@ def print_run(name: str, r: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--runs", default=",".join(RUNS))
@@ -146,36 +138,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=340, help="per run (5 runs stay within 30 min)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    names = [n for n in args.runs.split(",") if n]
-    unknown = set(names) - set(RUNS)
-    if unknown:
-        raise SystemExit(f"--runs has unknown run(s) {sorted(unknown)}; choose from {','.join(RUNS)}")
+    common.setup_logging()
+    names = common.selected(args.runs, RUNS, "--runs", "run")
 
     start = time.monotonic()
     lab = build_lab(args.preset)
     print(f"lab {args.preset}: {json.dumps(lab.sizes)}", flush=True)
     report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "suffix_not_run": SUFFIX_NOT_RUN,
               "runs": {}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    sizes = lab.sizes
+    title = (f"lab {args.preset} (actor {sizes['actor_params'] / 1e6:.2f} M, drafter "
+             f"{sizes['drafter_params'] / 1e6:.2f} M params): GRPO {args.train_batch_size} prompts x {args.n}, "
+             f"k={args.num_speculative_tokens}, 2 CPU cores; rollout tokens/s = respec's request span")
+
+    def plot(report: dict, path: Path) -> None:
+        draw_dashboard({n: r["steps"] for n, r in report["runs"].items()}, path,
+                       baseline=SPAN_BASELINE if SPAN_BASELINE in report["runs"] else None, title=title)
+
     for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
         report["runs"][name] = run(lab, name, args)
         report["summary"] = summarise(report["runs"])
         report["wall_s"] = time.monotonic() - start
-        (RESULTS / "e2e.json").write_text(json.dumps(report, indent=2))
-        sizes = lab.sizes
-        draw_dashboard(
-            {n: r["steps"] for n, r in report["runs"].items()}, RESULTS / "e2e.png",
-            baseline=SPAN_BASELINE if SPAN_BASELINE in report["runs"] else None,
-            title=f"lab {args.preset} (actor {sizes['actor_params'] / 1e6:.2f} M, drafter "
-                  f"{sizes['drafter_params'] / 1e6:.2f} M params): GRPO {args.train_batch_size} prompts x {args.n}, "
-                  f"k={args.num_speculative_tokens}, 2 CPU cores; rollout tokens/s = respec's request span",
-        )
+        common.write_results("e2e", report, plot)
         print_run(name, report["runs"][name])
     print(f"\nratios of means over steps 2..{args.steps}:")
     for pair, ratio in report["summary"]["ratios"].items():
         print(f"  {pair}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items() if isinstance(v, float)))
-    print(f"wall time {report['wall_s']:.0f} s; {RESULTS / 'e2e.json'}, {RESULTS / 'e2e.png'}")
+    print(f"wall time {report['wall_s']:.0f} s; {common.RESULTS / 'e2e.json'}, {common.RESULTS / 'e2e.png'}")
 
 
 if __name__ == "__main__":

@@ -17,30 +17,27 @@ trajectories), not vLLM's acceptance length; the drift benchmark measures that.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import drift  # noqa: E402  (benchmarks/ is not a package)
-
-from respec_plugin.core.config import LearnerConfig  # noqa: E402
-from respec_plugin.core.drafter.io import load_drafter  # noqa: E402
-from respec_lab.build import build_lab  # noqa: E402
-from respec_lab.launch import respec_overrides  # noqa: E402
-from respec_plugin.core.learner.buffer import collate  # noqa: E402
-from respec_plugin.integrations.verl.learner_features import ActorMirror, read_step, refreshed_features, step_features  # noqa: E402
-from respec_plugin.core.learner.loop import OnlineLearner  # noqa: E402
-from respec_plugin.core.learner.losses import trajectory_weights  # noqa: E402
-from respec_plugin.core.learner.objective import held_out_scores  # noqa: E402
-from respec_plugin.integrations.verl.hotswap import PublishReport  # noqa: E402
+import common
+import drift
+from respec_plugin.core.config import LearnerConfig
+from respec_plugin.core.drafter.io import load_drafter
+from respec_lab.build import build_lab
+from respec_lab.launch import respec_overrides
+from respec_plugin.core.learner.buffer import collate
+from respec_plugin.integrations.verl.learner_features import ActorMirror, read_step, refreshed_features, step_features
+from respec_plugin.core.learner.loop import OnlineLearner
+from respec_plugin.core.learner.losses import trajectory_weights
+from respec_plugin.core.learner.objective import held_out_scores
+from respec_plugin.integrations.verl.hotswap import PublishReport
 
 RECORDED_RUN = "online_kd"
 
@@ -160,11 +157,7 @@ def summarise(r: dict, static: dict | None) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, r in report["variants"].items():
         ax.plot(r["steps"], r["acceptance"], marker="o", markersize=3, label=name)
@@ -180,17 +173,14 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = drift.arguments(__doc__)
-    parser.add_argument("--record-dir", default=str(drift.REPO / "outputs" / "learner_replay" / "record"))
+    parser.add_argument("--record-dir", default=str(common.OUTPUTS / "learner_replay" / "record"))
     parser.add_argument("--skip-record", action="store_true", help="replay the steps already in --record-dir")
     parser.add_argument("--variants", default="static,kd,kd_8_steps,kd_refresh,kd_overlap,rwkd,rwkd_floor")
     parser.set_defaults(name="learner_replay")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common.setup_logging()
     table = variants(args)
-    names = [n for n in args.variants.split(",") if n]
-    if set(names) - set(table):
-        raise SystemExit(f"--variants has unknown variant(s) {sorted(set(names) - set(table))}; choose from "
-                         f"{','.join(table)}")
+    names = common.selected(args.variants, table, "--variants", "variant")
     torch.manual_seed(args.seed)
     lab = build_lab(args.preset)
     record_dir = Path(args.record_dir)
@@ -205,9 +195,7 @@ def main() -> None:
         static = report["variants"].get("static")
         report["summary"][name] = summarise(report["variants"][name], static)
         print(name, json.dumps(report["summary"][name]), flush=True)
-        drift.RESULTS.mkdir(parents=True, exist_ok=True)
-        (drift.RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-        plot(report, drift.RESULTS / f"{args.name}.png")
+        common.write_results(args.name, report, plot)
 
 
 if __name__ == "__main__":

@@ -11,35 +11,21 @@ respec_vs_vllm.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import statistics
 from pathlib import Path
 
+import common
 from respec_lab.build import build_lab
-from respec_lab.launch import grpo_command, respec_overrides, rollout_tokens_per_s, run_logged
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from respec_lab.launch import respec_overrides, rollout_tokens_per_s
 
 
 def run(lab, rollout: str, args) -> dict:
-    experiment_dir = REPO / "outputs" / "bench_respec_vs_vllm" / rollout
     extra = respec_overrides(drafter_path=lab.drafter_dir, num_speculative_tokens=args.num_speculative_tokens)
-    argv, env = grpo_command(
-        lab.train_parquet,
-        lab.val_parquet,
-        lab.actor_dir,
-        experiment_dir=experiment_dir,
-        rollout_name=rollout,
-        total_steps=args.steps,
-        train_batch_size=args.train_batch_size,
-        n=args.n,
-        seed=args.seed,
+    result = common.lab_grpo_run(
+        lab, "bench_respec_vs_vllm", rollout, rollout_name=rollout, timeout_s=args.timeout_s, total_steps=args.steps,
+        train_batch_size=args.train_batch_size, n=args.n, seed=args.seed,
         extra_overrides=extra if rollout == "respec" else (),
     )
-    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
     if not result.ok or len(result.metrics) != args.steps:
         raise SystemExit(f"{rollout} run failed (exit {result.returncode}); see {result.log_path}")
     sequences = args.train_batch_size * args.n
@@ -48,9 +34,9 @@ def run(lab, rollout: str, args) -> dict:
         "wall_s": result.wall_s,
         "steps": steps,
         "gen_tokens_per_s": [rollout_tokens_per_s(result.metrics[s], sequences) for s in steps],
-        "step_s": [result.metrics[s]["timing_s/step"] for s in steps],
-        "reward": [result.metrics[s]["critic/score/mean"] for s in steps],
-        "accept_length": [result.metrics[s].get("respec/accept_length") for s in steps],
+        "step_s": common.metric_series(result, "timing_s/step"),
+        "reward": common.metric_series(result, "critic/score/mean"),
+        "accept_length": common.metric_series(result, "respec/accept_length"),
     }
 
 
@@ -59,11 +45,7 @@ def after_warmup_mean(values: list[float]) -> float:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (ax_speed, ax_accept) = plt.subplots(1, 2, figsize=(11, 4))
     for rollout in ("vllm", "respec"):
         r = report["runs"][rollout]
@@ -79,7 +61,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--train-batch-size", type=int, default=8)
@@ -88,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=2400)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common.setup_logging()
 
     lab = build_lab(args.preset)
     runs = {rollout: run(lab, rollout, args) for rollout in ("vllm", "respec")}
@@ -102,13 +84,11 @@ def main() -> None:
         "step_time_ratio": after_warmup_mean(runs["respec"]["step_s"]) / after_warmup_mean(runs["vllm"]["step_s"]),
         "respec_accept_length": after_warmup_mean(runs["respec"]["accept_length"]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "respec_vs_vllm.json").write_text(json.dumps(report, indent=2))
-    plot(report, RESULTS / "respec_vs_vllm.png")
+    path = common.write_results("respec_vs_vllm", report, plot)
     print(
         f"rollout tokens/s respec/vllm = {report['rollout_speedup']:.2f}x, step time respec/vllm = "
         f"{report['step_time_ratio']:.2f}x, acceptance length {report['respec_accept_length']:.2f} "
-        f"(means over steps 2..{args.steps}); {RESULTS / 'respec_vs_vllm.json'}"
+        f"(means over steps 2..{args.steps}); {path}"
     )
 
 

