@@ -29,12 +29,6 @@ def server(ray_cluster, tiny_lab):
     ray.kill(handle)
 
 
-def generate(server, prompts, temperature=0.0):
-    sampling = {"temperature": temperature, "max_tokens": MAX_TOKENS}
-    refs = [server.generate.remote(p, dict(sampling), uuid.uuid4().hex) for p in prompts]
-    return ray.get(refs)
-
-
 def _stats(output) -> RequestSpecStats:
     return RequestSpecStats.from_extra_fields(output.extra_fields)
 
