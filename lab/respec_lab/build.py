@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from respec_plugin.core.drafter.distill import DistillSpec, distill, distillation_loss, precompute_features
 from respec_plugin.core.drafter.day0 import config_for_actor
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter, draft_vocab_from_counts, init_from_actor
 from respec_plugin.core.drafter.io import save_drafter
+from respec_plugin.core.drafter.warmup import DistillSpec, distill, precompute_features, warmup_loss
 from respec_lab.data import MathDataSpec, read_problems, write_math_data
 from respec_lab.models import (
     ActorSpec,
@@ -45,7 +45,7 @@ from respec_lab.models import (
 logger = logging.getLogger(__name__)
 
 # Bump when a code change alters what a build produces: it invalidates every cached lab.
-LAB_VERSION = 2
+LAB_VERSION = 3
 MANIFEST = "lab.json"
 MAX_NEW_TOKENS = 96
 
@@ -283,9 +283,10 @@ def _accuracy(actor, tokenizer, prompts, problems, temperature: float, seed: int
 
 @torch.no_grad()
 def _offline_acceptance(actor, drafter: Eagle3Drafter, rollouts, num_draft_steps: int) -> list[dict[str, float]]:
-    """Per draft step: predicted acceptance (E[1 - TV], temperature 1), greedy agreement and KL on held-out
-    rollouts of the actor."""
+    """Per draft step, on held-out rollouts of the actor (sampled at temperature 1): the warm-up objective's
+    statistics, i.e. the forward KL (``divergence``), ``tv`` (1 - acceptance of a draft sampled from the drafter),
+    ``greedy_acceptance`` (of the greedy draft vLLM proposes) and its ceiling."""
     input_ids, attention_mask, response_mask = rollouts
     features = precompute_features(actor, drafter, input_ids, attention_mask, batch_size=64)
-    _, metrics = distillation_loss(drafter, input_ids, features, response_mask, num_draft_steps)
-    return [{name: round(value, 4) for name, value in step.items()} for step in metrics]
+    _, by_step = warmup_loss(drafter, input_ids, features, response_mask, num_draft_steps)
+    return [{name: round(value, 4) for name, value in step.items()} for step in by_step]

@@ -5,9 +5,7 @@ are near uniform, and no drafter can predict it) while its answers stay wrong of
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,10 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from respec_plugin.core.drafter.distill import warmup_cosine_schedule
+from respec_plugin.core.drafter.warmup import train_offline
 from respec_lab.data import MathProblem, prompt_text
-
-logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
@@ -140,27 +136,15 @@ def supervise_actor(
     actor: Qwen2ForCausalLM, examples: Sequence[tuple[list[int], list[int]]], spec: SupervisionSpec, pad_token_id: int
 ) -> list[float]:
     """AdamW with warm-up and cosine decay on the response tokens; returns the loss of every step."""
-    generator = torch.Generator().manual_seed(spec.seed)
-    optimizer = torch.optim.AdamW(actor.parameters(), lr=spec.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
-    schedule = warmup_cosine_schedule(optimizer, spec.steps)
-    actor.train()
-    losses = []
-    start = time.perf_counter()
-    for step in range(spec.steps):
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
         rows = torch.randint(len(examples), (spec.batch_size,), generator=generator).tolist()
         input_ids, attention_mask, response_mask = pad_batch([examples[r] for r in rows], pad_token_id)
         labels = input_ids.masked_fill(~response_mask, -100)
-        loss = actor(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(actor.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == spec.steps - 1:
-            logger.info("actor step %d/%d loss %.3f (%.0fs)", step + 1, spec.steps, losses[-1], time.perf_counter() - start)
-    actor.eval()
-    return losses
+        return actor(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    return train_offline(actor, batch_loss, steps=spec.steps, learning_rate=spec.learning_rate, weight_decay=0.01,
+                         seed=spec.seed, name="actor")
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Day-0 EAGLE-3 drafter for a Hugging Face actor directory: untrained, saved in the layout vLLM's ``eagle3``
 loads, so a run can speculate (and the online learner adapt the drafter from live rollouts) without a drafter
-trained beforehand. Reads only config.json and the embedding / LM-head tensors: a 14B actor's 28 GB stay on disk.
+trained beforehand. Reads only config.json and the embedding / LM-head tensors: the rest of the actor stays on disk.
 
     python -m respec_plugin.core.drafter.day0 --actor /models/Qwen2.5-7B-Instruct --out /ckpt/drafter_day0
 """
@@ -103,8 +103,9 @@ def _read_tensor(files: Mapping[str, Path], name: str) -> torch.Tensor:
 
 
 def read_embeddings(actor_dir: Path, actor_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input embedding, LM head) of the actor, read tensor by tensor; tied embeddings give the LM head =
-    the embedding (also when config.json says nothing and the checkpoint has no LM head, transformers' default)."""
+    """(input embedding, LM head) of the actor, read tensor by tensor and checked against config.json's
+    vocab_size x hidden_size; tied embeddings give the LM head = the embedding (also when config.json says nothing
+    and the checkpoint has no LM head, transformers' default)."""
     files = _weight_files(actor_dir)
     embedding_names = [name for name in files if name.endswith(EMBEDDING_SUFFIX)]
     if len(embedding_names) != 1:
@@ -112,11 +113,19 @@ def read_embeddings(actor_dir: Path, actor_config: Mapping[str, Any]) -> tuple[t
                                 f"{EMBEDDING_SUFFIX!r}: expected exactly one input embedding (a Llama/Qwen-style decoder).")
     embedding = _read_tensor(files, embedding_names[0])
     if actor_config.get("tie_word_embeddings", LM_HEAD not in files):
-        return embedding, embedding
-    if LM_HEAD not in files:
+        lm_head = embedding
+    elif LM_HEAD not in files:
         raise ReSpecConfigError(f"actor {str(actor_dir)!r} has tie_word_embeddings=false but no {LM_HEAD!r} tensor: "
                                 "re-save the actor with save_pretrained, or set tie_word_embeddings=true if it is tied.")
-    return embedding, _read_tensor(files, LM_HEAD)
+    else:
+        lm_head = _read_tensor(files, LM_HEAD)
+    expected = (actor_config["vocab_size"], actor_config["hidden_size"])
+    for name, tensor in ((embedding_names[0], embedding), (LM_HEAD, lm_head)):
+        if tuple(tensor.shape) != expected:
+            raise ReSpecConfigError(f"actor {str(actor_dir)!r} has {name} of shape {tuple(tensor.shape)}, which does "
+                                    f"not fit its config.json (vocab_size, hidden_size) = {expected}: re-save the "
+                                    "actor with save_pretrained so that config and weights agree.")
+    return embedding, lm_head
 
 
 def day0_draft_vocab(draft_vocab_size: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ class Eagle3Config:
     ``eagle_aux_hidden_state_layer_ids`` are vLLM's indices: id i is the residual stream entering target layer
     i, which is HF's ``hidden_states[i]``; they must be ascending because vLLM concatenates them in layer order.
     ``vocab_size`` is the target's; the head scores only ``draft_vocab_size`` tokens (``draft_token_ids``).
+    A bad shape raises :class:`ReSpecConfigError`: the values come from a checkpoint's config.json or a user's actor.
     """
 
     hidden_size: int
@@ -196,8 +197,8 @@ class Eagle3Drafter(nn.Module):
     def __init__(self, config: Eagle3Config, embed_tokens: torch.Tensor, draft_token_ids: torch.Tensor):
         super().__init__()
         if tuple(embed_tokens.shape) != (config.vocab_size, config.hidden_size):
-            raise ReSpecConfigError(
-                f"embed_tokens of shape {tuple(embed_tokens.shape)} does not fit the drafter: pass the target's "
+            raise ValueError(
+                f"embed_tokens of shape {tuple(embed_tokens.shape)} does not fit the drafter: expected the target's "
                 f"input embedding weight of shape ({config.vocab_size}, {config.hidden_size})."
             )
         self.config = config
@@ -208,8 +209,8 @@ class Eagle3Drafter(nn.Module):
         self.register_buffer("embed_tokens", embed_tokens.detach().clone(), persistent=False)
         draft_token_ids = torch.as_tensor(draft_token_ids, dtype=torch.long)
         if draft_token_ids.shape != (config.draft_vocab_size,) or not bool((draft_token_ids.diff() > 0).all()):
-            raise ReSpecConfigError(
-                f"draft_token_ids (shape {tuple(draft_token_ids.shape)}) is invalid: pass "
+            raise ValueError(
+                f"draft_token_ids of shape {tuple(draft_token_ids.shape)} is invalid: expected "
                 f"{config.draft_vocab_size} distinct target token ids in ascending order."
             )
         self.register_buffer("draft_token_ids", draft_token_ids)
@@ -252,7 +253,7 @@ class Eagle3Drafter(nn.Module):
         Anchors before ``first_anchor`` (e.g. inside the prompt, never drafted from) are skipped to save compute.
         """
         if num_steps < 1:
-            raise ReSpecConfigError(f"num_steps={num_steps} is invalid: unroll at least 1 draft step.")
+            raise ValueError(f"num_steps={num_steps} is invalid: unroll at least 1 draft step.")
         batch, length = input_ids.shape
         layer = self.midlayer
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
@@ -307,8 +308,9 @@ def draft_vocab_from_counts(token_counts: torch.Tensor, draft_vocab_size: int) -
     """The ``draft_vocab_size`` most frequent target tokens (ties: lower id first), ascending, as EAGLE-3 picks
     its draft vocabulary from token frequencies in the actor's outputs."""
     if not 0 < draft_vocab_size < token_counts.numel():
-        raise ReSpecConfigError(
-            f"draft_vocab_size={draft_vocab_size} is invalid: use 0 < draft_vocab_size < vocab_size ({token_counts.numel()})."
+        raise ValueError(
+            f"draft_vocab_size={draft_vocab_size} is invalid: expected 0 < draft_vocab_size < vocab_size "
+            f"({token_counts.numel()})."
         )
     order = sorted(range(token_counts.numel()), key=lambda i: (-int(token_counts[i]), i))
     return torch.tensor(sorted(order[:draft_vocab_size]), dtype=torch.long)

@@ -91,6 +91,10 @@ def load_drafter(path: str | os.PathLike, embed_tokens: torch.Tensor) -> tuple[E
     tensors = dict(read_drafter_tensors(str(path)))
     d2t = tensors.pop("d2t")
     tensors.pop("t2d", None)
-    drafter = Eagle3Drafter(config, embed_tokens, d2t + torch.arange(config.draft_vocab_size))
+    try:
+        drafter = Eagle3Drafter(config, embed_tokens, d2t + torch.arange(d2t.numel()))
+    except ValueError as e:  # the checkpoint does not fit this actor, or its d2t is damaged
+        raise ReSpecConfigError(f"drafter at {str(path)!r} cannot be loaded: {e} Use a drafter saved for this actor "
+                                "(e.g. by python -m respec_plugin.core.drafter.day0).") from e
     drafter.load_state_dict(tensors | {"draft_token_ids": drafter.draft_token_ids}, strict=True)
     return drafter, int(raw["drafter_version"])

@@ -2,17 +2,19 @@
 feedback), as plain tensor functions so each formula is tested on hand-computed cases.
 
 Targets are the actor's next-token probabilities over the draft vocabulary truncated to their top k (renormalised):
-the learner keeps k numbers per token instead of a vocabulary row. Acceptance of a draft from q against a target p is
-sum_x min(p(x), q(x)) = 1 - TV(p, q), so lowering TV (or forward KL, which bounds it by Pinsker) raises acceptance.
+the learner keeps k numbers per token instead of a vocabulary row; the offline warm-up keeps them all (k = V).
+Acceptance of a draft from q against a target p is sum_x min(p(x), q(x)) = 1 - TV(p, q), so lowering TV (or forward
+KL, which bounds it by Pinsker) raises acceptance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from respec_plugin.core.config import ReSpecConfigError
+from respec_plugin.core.config import Divergence, RewardWeighting, choices
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class TopKTarget:
 
 
 def topk_target(logprobs: torch.Tensor, top_k: int) -> TopKTarget:
-    """Truncate log-probs [..., V] to their ``top_k`` largest entries and renormalise them."""
+    """Truncate log-probs [..., V] to their ``top_k`` largest entries and renormalise them; ``top_k`` >= V keeps the
+    whole distribution (the offline warm-up's target)."""
     values, ids = logprobs.float().topk(min(top_k, logprobs.shape[-1]), dim=-1)
     return TopKTarget(values.softmax(-1), ids)
 
@@ -61,18 +64,22 @@ def negative_feedback(target: TopKTarget, draft_logprobs: torch.Tensor, rejected
     return (q - target_probability(target, rejected_ids)).clamp_min(0.0)
 
 
-DIVERGENCES = {"forward_kl": forward_kl, "tv": total_variation}
+# The per-token divergences the objective can minimise, one per value of ``LearnerConfig.divergence``.
+DIVERGENCES: dict[Divergence, Callable[[TopKTarget, torch.Tensor], torch.Tensor]] = {
+    "forward_kl": forward_kl,
+    "tv": total_variation,
+}
 
 
 def trajectory_weights(
-    rewards: torch.Tensor, advantages: torch.Tensor, reward_weighting: str, weight_floor: float
+    rewards: torch.Tensor, advantages: torch.Tensor, reward_weighting: RewardWeighting, weight_floor: float
 ) -> torch.Tensor:
     """One weight in [weight_floor, 1] per trajectory [N].
 
     ``reward``: ReSpec's w(r) = r, normalised by the step's largest reward and clipped to [0, 1] (with 0/1 rewards
     exactly r: failed rollouts drop out); ``advantage``: the advantages min-max normalised to [0, 1] over the step
     (all equal -> 1); ``uniform``: 1 (plain KD). The floor f then maps w to f + (1 - f) w, so no trajectory weighs
-    less than f.
+    less than f. ``reward_weighting`` was checked by ``LearnerConfig``: another value is a programming error.
     """
     if reward_weighting == "uniform":
         weights = torch.ones_like(rewards, dtype=torch.float32)
@@ -85,5 +92,5 @@ def trajectory_weights(
         span = advantages.max() - advantages.min()
         weights = (advantages - advantages.min()) / span if span > 0 else torch.ones_like(advantages)
     else:
-        raise ReSpecConfigError(f"reward_weighting={reward_weighting!r} is invalid: use reward, advantage or uniform.")
+        raise ValueError(f"unknown reward_weighting {reward_weighting!r}: expected one of {choices(RewardWeighting)}.")
     return weight_floor + (1.0 - weight_floor) * weights.clamp(0.0, 1.0)

@@ -1,5 +1,7 @@
-"""The learner's objective over an unrolled EAGLE-3 draft (training-time test): reward-weighted divergence to the
-actor's top-k targets at every draft step, plus negative feedback on the drafts the verifier rejects.
+"""The one knowledge-distillation objective of the drafter, over an unrolled EAGLE-3 draft (training-time test):
+token-weighted divergence to the actor's top-k targets at every draft step, plus negative feedback on the drafts the
+verifier rejects. The offline warm-up (full draft-vocabulary targets: top-k with k = V) and the online learner
+(reward-weighted top-k targets) both call it, so they train and report the same quantities under the same names.
 
 Rejected drafts: vLLM reports per request only how many drafts it accepted, not which tokens it rejected. With greedy
 drafting (vLLM's default) a drafted token d is rejected exactly when the token emitted at that position differs from
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from respec_plugin.core.config import Divergence
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter
 from respec_plugin.core.learner.buffer import Minibatch
 from respec_plugin.core.learner.losses import DIVERGENCES, negative_feedback, target_probability, total_variation
@@ -22,54 +25,79 @@ def _shift_left(x: torch.Tensor, by: int) -> torch.Tensor:
     return torch.cat([x[:, by:], torch.zeros_like(x[:, :by])], dim=1)
 
 
-def kd_loss(
-    drafter: Eagle3Drafter, batch: Minibatch, *, divergence: str, negative_feedback_coef: float, num_draft_steps: int
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum over draft steps j of the token-weighted mean of D(p || q) + coef * max(0, q(d) - p(d)) at rejected d.
+def kd_loss_by_step(
+    drafter: Eagle3Drafter, batch: Minibatch, *, divergence: Divergence, negative_feedback_coef: float,
+    num_draft_steps: int,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Sum over draft steps j of the token-weighted mean of D(p || q) + coef * max(0, q(d) - p(d)) at rejected d,
+    and per draft step the ``loss_mask``-weighted means of (reward-agnostic, so comparable across steps):
 
-    Step j at anchor t predicts token t + j + 2 from the actor's distribution at t + j + 1 (as in
-    ``drafter.distill.distillation_loss``); steps j >= 1 are teacher-forced with the true tokens. Returns the loss
-    and the mean (over steps) divergence, TV (1 - acceptance of a draft sampled from q), greedy acceptance
-    p(argmax q), its ceiling max p (what a drafter equal to the actor would get: it falls when the actor's entropy
-    rises, whatever the drafter) and negative-feedback term, mask-weighted (reward-agnostic).
+    - ``divergence``: D(p || q) itself;
+    - ``tv``: TV(p, q) = 1 - the acceptance of a draft sampled from q (vLLM's ``draft_sample_method="probabilistic"``);
+    - ``greedy_acceptance``: p(argmax q), the acceptance of the greedy draft vLLM proposes by default;
+    - ``greedy_acceptance_ceiling``: max p, what a drafter equal to the actor would get (it falls when the actor's
+      entropy rises, whatever the drafter);
+    - ``negative_feedback``: max(0, q(d) - p(d)) at the rejected greedy drafts d.
+
+    Step j at anchor t predicts token t + j + 2, whose target is the actor's distribution at t + j + 1; the token at
+    t + j + 2 weighs it (``token_weights``). Steps j >= 1 are teacher-forced with the true token x_{t+j+1} and read
+    the drafter's own previous hidden state: the acceptance of step j only matters when the steps before it were
+    accepted, i.e. equalled the true tokens. Targets are renormalised over the draft vocabulary, so the acceptances
+    slightly overestimate where the actor puts mass outside it. Anchors start two before the first token with a
+    nonzero ``loss_mask`` (the first anchor whose step-0 draft is learned): earlier ones lie in the prompt, where
+    vLLM does not draft, so they are skipped, also at the later steps; later anchors do not depend on them.
     """
     predicted = batch.loss_mask.sum(0).nonzero()
-    first_anchor = max(0, int(predicted[0]) - 2) if predicted.numel() else 0
+    if predicted.numel() == 0:
+        raise ValueError("loss_mask is all zero: the minibatch has no drafted token to learn from.")
+    first_anchor = max(0, int(predicted[0]) - 2)
     teacher_ids = [_shift_left(batch.input_ids, j + 1) for j in range(1, num_draft_steps)]
     steps = drafter.unroll(batch.input_ids, batch.aux_hidden_states, num_draft_steps, step_input_ids=teacher_ids,
                            first_anchor=first_anchor)
-    loss = torch.zeros(())
-    totals = {"divergence": 0.0, "tv": 0.0, "greedy_acceptance": 0.0, "greedy_acceptance_ceiling": 0.0,
-              "negative_feedback": 0.0}
+    loss = batch.input_ids.new_zeros((), dtype=torch.float32)
+    by_step = []
     for j, logits in enumerate(steps.logits):
         target = batch.target.map(lambda x: _shift_left(x, j + 1)[:, first_anchor:])
-        weights = _shift_left(batch.token_weights, j + 2)[:, first_anchor:]
-        mask = _shift_left(batch.loss_mask, j + 2)[:, first_anchor:]
-        emitted = _shift_left(batch.input_ids, j + 2)[:, first_anchor:]
+        weights = _shift_left(batch.token_weights.float(), j + 2)[:, first_anchor:]
+        mask = _shift_left(batch.loss_mask.float(), j + 2)[:, first_anchor:]
         draft_logprobs = logits.float().log_softmax(-1)
         per_token_divergence = DIVERGENCES[divergence](target, draft_logprobs)
         per_token = per_token_divergence
-        with torch.no_grad():
-            drafted = logits.argmax(-1)
-            rejected = (drafter.draft_token_ids[drafted] != emitted).float()
-            tv = total_variation(target, draft_logprobs)
-            greedy_acceptance = target_probability(target, drafted)
+        drafted = logits.argmax(-1)
         if negative_feedback_coef > 0:
+            emitted = _shift_left(batch.input_ids, j + 2)[:, first_anchor:]
+            rejected = (drafter.draft_token_ids[drafted] != emitted).float()
             feedback = negative_feedback(target, draft_logprobs, drafted) * rejected
             per_token = per_token + negative_feedback_coef * feedback
-            totals["negative_feedback"] += float((feedback.detach() * mask).sum() / mask.sum().clamp_min(1e-6))
+        else:
+            feedback = torch.zeros_like(per_token_divergence)
         loss = loss + (per_token * weights).sum() / weights.sum().clamp_min(1e-6)
-        totals["divergence"] += float((per_token_divergence.detach() * mask).sum() / mask.sum().clamp_min(1e-6))
-        totals["tv"] += float((tv * mask).sum() / mask.sum().clamp_min(1e-6))
-        totals["greedy_acceptance"] += float((greedy_acceptance * mask).sum() / mask.sum().clamp_min(1e-6))
-        ceiling = target.probs.max(-1).values  # p(argmax p): a drafter equal to the actor
-        totals["greedy_acceptance_ceiling"] += float((ceiling * mask).sum() / mask.sum().clamp_min(1e-6))
-    return loss, {name: value / num_draft_steps for name, value in totals.items()}
+        with torch.no_grad():
+            per_token_stats = {
+                "divergence": per_token_divergence,
+                "tv": total_variation(target, draft_logprobs),
+                "greedy_acceptance": target_probability(target, drafted),
+                "greedy_acceptance_ceiling": target.probs.max(-1).values,
+                "negative_feedback": feedback,
+            }
+            by_step.append({name: float((value * mask).sum() / mask.sum().clamp_min(1e-6))
+                            for name, value in per_token_stats.items()})
+    return loss, by_step
+
+
+def kd_loss(
+    drafter: Eagle3Drafter, batch: Minibatch, *, divergence: Divergence, negative_feedback_coef: float,
+    num_draft_steps: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`kd_loss_by_step` with its statistics averaged over the draft steps (what the online learner checks)."""
+    loss, by_step = kd_loss_by_step(drafter, batch, divergence=divergence,
+                                    negative_feedback_coef=negative_feedback_coef, num_draft_steps=num_draft_steps)
+    return loss, {name: sum(step[name] for step in by_step) / len(by_step) for name in by_step[0]}
 
 
 @torch.no_grad()
 def held_out_scores(drafter: Eagle3Drafter, batch: Minibatch, num_draft_steps: int) -> dict[str, float]:
-    """Mean over draft steps and response tokens of TV and of the greedy acceptance p(argmax q): vLLM drafts the
-    argmax and verifies it as one-hot by default (``draft_sample_method="greedy"``), so that is what it accepts."""
+    """The statistics of :func:`kd_loss` with TV as divergence and no negative feedback: the learner compares
+    candidates by ``greedy_acceptance``, since vLLM drafts the argmax and verifies it as one-hot by default."""
     _, stats = kd_loss(drafter, batch, divergence="tv", negative_feedback_coef=0.0, num_draft_steps=num_draft_steps)
     return stats

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from respec_plugin.core.drafter.distill import actor_features
+from respec_plugin.core.drafter.warmup import actor_features
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter
 from respec_plugin.core.learner.buffer import SequenceFeatures
 from respec_plugin.core.learner.losses import topk_target, trajectory_weights

@@ -1,5 +1,6 @@
-"""The torch EAGLE-3 head on its own: config checks, day-0 init, the vLLM checkpoint layout and weight names,
-a causal unroll (no anchor sees its future), and distillation lowering the KL to the actor."""
+"""The torch EAGLE-3 head on its own: config checks (user errors) and argument checks (programming errors), day-0
+init, the vLLM checkpoint layout and weight names, a causal unroll (no anchor sees its future), and distillation
+lowering the KL to the actor."""
 
 import json
 
@@ -8,9 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from respec_plugin.core.config import ReSpecConfigError
-from respec_plugin.core.drafter.distill import DistillSpec, TargetFeatures, distill, distillation_loss
-from respec_plugin.core.drafter.eagle3 import Eagle3Config, draft_vocab_from_counts, init_from_actor, vllm_weights
+from respec_plugin.core.drafter.eagle3 import (
+    Eagle3Config,
+    Eagle3Drafter,
+    draft_vocab_from_counts,
+    init_from_actor,
+    vllm_weights,
+)
 from respec_plugin.core.drafter.io import load_drafter, save_drafter
+from respec_plugin.core.drafter.warmup import DistillSpec, TargetFeatures, distill, warmup_loss
 
 VOCAB, HIDDEN, DRAFT_VOCAB = 96, 64, 48
 
@@ -67,8 +74,31 @@ def test_day0_copies_the_actors_lm_head_rows_of_the_draft_vocab(drafter, actor_w
 def test_draft_vocab_takes_the_most_frequent_tokens_in_id_order():
     counts = torch.tensor([5, 0, 9, 9, 1, 7])
     assert draft_vocab_from_counts(counts, 3).tolist() == [2, 3, 5]
-    with pytest.raises(ReSpecConfigError, match="draft_vocab_size=6"):
+    with pytest.raises(ValueError, match="draft_vocab_size=6") as raised:
         draft_vocab_from_counts(counts, 6)
+    assert not isinstance(raised.value, ReSpecConfigError)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda embed: Eagle3Drafter(_config(), embed[:, :-1], torch.arange(0, VOCAB, 2)), "embed_tokens of shape"),
+        (lambda embed: Eagle3Drafter(_config(), embed, torch.arange(DRAFT_VOCAB).flip(0)), "draft_token_ids"),
+        (lambda embed: Eagle3Drafter(_config(), embed, torch.arange(DRAFT_VOCAB - 1)), "draft_token_ids"),
+    ],
+    ids=["embedding_shape", "draft_ids_not_ascending", "draft_ids_too_few"],
+)
+def test_bad_arguments_are_value_errors_not_config_errors(actor_weights, build, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        build(actor_weights[0])
+    assert not isinstance(raised.value, ReSpecConfigError)
+
+
+def test_unroll_needs_a_draft_step(drafter):
+    input_ids, features = _features(seed=5)
+    with pytest.raises(ValueError, match="num_steps=0") as raised:
+        drafter.unroll(input_ids, features.aux_hidden_states, 0)
+    assert not isinstance(raised.value, ReSpecConfigError)
 
 
 def test_saved_layout_is_what_vllm_loads_and_round_trips(drafter, actor_weights, tmp_path):
@@ -107,6 +137,13 @@ def test_load_rejects_a_directory_without_a_drafter(tmp_path):
         load_drafter(tmp_path, torch.zeros(VOCAB, HIDDEN))
 
 
+def test_load_rejects_a_drafter_saved_for_another_actor(drafter, tmp_path):
+    """The checkpoint is the user's: a drafter that does not fit the actor is a config error that names the fix."""
+    save_drafter(drafter, tmp_path, drafter_version=0)
+    with pytest.raises(ReSpecConfigError, match="cannot be loaded: embed_tokens of shape .* saved for this actor"):
+        load_drafter(tmp_path, torch.zeros(VOCAB + 1, HIDDEN))
+
+
 def test_unroll_is_causal_and_propose_matches_it(drafter):
     """Anchor t's drafts depend only on tokens <= t + 1 and features <= t: proposing from a prefix equals
     the full-sequence greedy unroll at that anchor, for every draft step."""
@@ -130,11 +167,11 @@ def test_teacher_forcing_with_the_greedy_drafts_equals_greedy_feeding(drafter):
 
 def test_distillation_lowers_the_kl_and_raises_predicted_acceptance(drafter):
     input_ids, features = _features(seed=4, batch=8, length=12)
-    weights = torch.ones_like(input_ids)
-    _, before = distillation_loss(drafter, input_ids, features, weights, num_draft_steps=2)
-    distill(drafter, input_ids, features, weights,
+    response_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    _, before = warmup_loss(drafter, input_ids, features, response_mask, num_draft_steps=2)
+    distill(drafter, input_ids, features, response_mask,
             DistillSpec(steps=40, batch_size=8, learning_rate=3e-3, num_draft_steps=2, seed=0))
-    _, after = distillation_loss(drafter, input_ids, features, weights, num_draft_steps=2)
+    _, after = warmup_loss(drafter, input_ids, features, response_mask, num_draft_steps=2)
     for step_before, step_after in zip(before, after):
-        assert step_after["kl"] < 0.7 * step_before["kl"]
-        assert step_after["acceptance_sampled_draft"] > step_before["acceptance_sampled_draft"]
+        assert step_after["divergence"] < 0.7 * step_before["divergence"]
+        assert step_after["tv"] < step_before["tv"]

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from respec_plugin.core.config import Divergence, ReSpecConfigError, choices
 from respec_plugin.core.learner.losses import (
+    DIVERGENCES,
     TopKTarget,
     forward_kl,
     negative_feedback,
@@ -64,3 +66,22 @@ def test_advantage_and_uniform_weights():
     assert trajectory_weights(torch.zeros(3), advantages, "advantage", 0.0).tolist() == pytest.approx([0.0, 0.25, 1.0])
     assert trajectory_weights(torch.zeros(3), torch.zeros(3), "advantage", 0.0).tolist() == [1.0, 1.0, 1.0]
     assert trajectory_weights(torch.zeros(3), advantages, "uniform", 0.5).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_unknown_reward_weighting_is_a_programming_error():
+    """LearnerConfig already checked the value: another one here is a bug, not a config error to show the user."""
+    with pytest.raises(ValueError, match="'rank'") as raised:
+        trajectory_weights(torch.zeros(2), torch.zeros(2), "rank", 0.0)
+    assert not isinstance(raised.value, ReSpecConfigError)
+
+
+def test_every_configurable_divergence_has_a_formula():
+    assert set(DIVERGENCES) == set(choices(Divergence))
+
+
+def test_a_full_distribution_is_a_top_k_target_with_k_the_vocabulary():
+    p, q = _log([0.5, 0.25, 0.25]), _log([0.25, 0.5, 0.25])
+    target = topk_target(p, top_k=3)
+    assert target.probs.sum().item() == pytest.approx(1.0)
+    assert float(forward_kl(target, q)) == pytest.approx(0.5 * math.log(2) - 0.25 * math.log(2))
+    assert float(total_variation(target, q)) == pytest.approx(0.25)
