@@ -230,9 +230,8 @@ def _build(preset: str, spec: LabPreset, out: Path) -> None:
         counts = torch.bincount(warmup[0][warmup[2]], minlength=actor.config.vocab_size)
         drafter_config = config_for_actor(actor.config.to_dict(), spec.drafter.draft_vocab_size,
                                           spec.drafter.eagle_aux_hidden_state_layer_ids)
-        drafter = init_from_actor(drafter_config, actor.get_input_embeddings().weight,
-                                  actor.get_output_embeddings().weight, draft_vocab_from_counts(counts,
-                                  drafter_config.draft_vocab_size), spec.seed)
+        drafter = init_from_actor(drafter_config, actor.get_output_embeddings().weight,
+                                  draft_vocab_from_counts(counts, drafter_config.draft_vocab_size), spec.seed)
         save_drafter(drafter, out / _LAYOUT["day0_drafter_dir"], drafter_version=0)
         day0_acceptance = _offline_acceptance(actor, drafter, held_out, spec.drafter.distill.num_draft_steps)
 
@@ -289,4 +288,4 @@ def _offline_acceptance(actor, drafter: Eagle3Drafter, rollouts, num_draft_steps
     input_ids, attention_mask, response_mask = rollouts
     features = precompute_features(actor, drafter, input_ids, attention_mask, batch_size=64)
     _, by_step = warmup_loss(drafter, input_ids, features, response_mask, num_draft_steps)
-    return [{name: round(value, 4) for name, value in step.items()} for step in by_step]
+    return [{name: round(value, 4) for name, value in step.means().items()} for step in by_step]

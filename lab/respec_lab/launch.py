@@ -39,17 +39,22 @@ def grpo_command(
     max_response_length: int = 64,
     kv_cache_memory_bytes: int = 256 << 20,
     seed: int = 0,
+    n_gpus: int = 1,
     project_name: str = "respec-lab",
     experiment_name: str | None = None,
     extra_overrides: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
-    """Argv and environment for a stock verl GRPO run on CPU.
+    """Argv and environment for a stock verl GRPO run on CPU, with ``n_gpus`` actor ranks (and as many rollout
+    replicas).
 
     The environment holds only the variables to set on top of the caller's. ``extra_overrides`` are Hydra
     overrides appended last; one naming a key set here replaces it (verl's CLI would reject the duplicate).
     """
     experiment_dir = Path(experiment_dir).resolve()
     rollout_batch = train_batch_size * n
+    if rollout_batch % n_gpus:
+        raise ValueError(f"{rollout_batch} sequences per step do not split over n_gpus={n_gpus} ranks")
+    per_rank = rollout_batch // n_gpus
     overrides = [
         # --- GRPO, as in verl's examples/grpo_trainer: group-relative advantages, no KL (so no reference model).
         "algorithm.adv_estimator=grpo",
@@ -65,8 +70,8 @@ def grpo_command(
         f"actor_rollout_ref.rollout.name={rollout_name}",
         # One optimizer step per RL step, one micro batch (the lab's sizes fit in RAM).
         f"actor_rollout_ref.actor.ppo_mini_batch_size={train_batch_size}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={rollout_batch}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={rollout_batch}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={per_rank}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={per_rank}",
         # --- Run length and bookkeeping: N steps, no validation / checkpoints, metrics to console (parsed by
         # `parse_console_metrics`) and to wandb (offline, files under experiment_dir).
         f"trainer.total_training_steps={total_steps}",
@@ -83,13 +88,13 @@ def grpo_command(
         f"actor_rollout_ref.rollout.seed={seed}",
         f"actor_rollout_ref.actor.data_loader_seed={seed}",
         f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
-        # --- CPU device: one "GPU" that is the CPU. trainer.device=cpu survives verl's auto_set_device only
-        # with the lab's CPU platform (VERL_PLATFORM=cpu); verl's placement groups ask Ray for GPU bundles,
-        # so Ray gets a fake GPU.
+        # --- CPU device: each "GPU" (n_gpus actor ranks, each with its own rollout replica) is the CPU.
+        # trainer.device=cpu survives verl's auto_set_device only with the lab's CPU platform (VERL_PLATFORM=cpu);
+        # verl's placement groups ask Ray for GPU bundles, so Ray gets fake GPUs.
         "trainer.device=cpu",
         "trainer.nnodes=1",
-        "trainer.n_gpus_per_node=1",
-        "+ray_kwargs.ray_init.num_gpus=1",
+        f"trainer.n_gpus_per_node={n_gpus}",
+        f"+ray_kwargs.ray_init.num_gpus={n_gpus}",
         # --- 2-core host: verl sizes Ray and its helpers for a GPU node. On Ray's real CPU count (2) the
         # actors cannot all be scheduled and the run hangs, as it does with TransferQueue's 8 storage units:
         # a generous logical CPU count and one storage unit. One agent-loop and one reward worker instead of

@@ -106,27 +106,20 @@ class LearnerConfig:
     num_draft_steps: int = 3
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
     replay_steps: int = 2
-    # Recompute the replayed steps' hidden states and targets with the current actor before training (an actor
-    # forward over the whole replay window every step); off, they keep the targets of the actor that generated them.
-    refresh_replay: bool = False
-    # Fraction of each step's prompt groups (at least one) held out to compare the candidate with the serving
+    # Tokens (prompt + response) of each step's trajectories the learner keeps, whole prompt groups chosen at random:
+    # the actor ranks keep their features (aux hidden states, embeddings, the teacher's top-k) in memory until trained.
+    max_tokens_per_step: int = 262144
+    # Fraction of each step's kept prompt groups (at least one) held out to compare the candidate with the serving
     # drafter; they are trained on at the next step.
     holdout_fraction: float = 0.125
     # Train and publish every N RL steps.
     every_n_steps: int = 1
-    # Train while verl updates the actor (in a thread of the driver), on the step's trajectories with the actor
-    # that generated them, instead of after the update with the updated actor: hides the learner's time when the
-    # driver has spare cores, at the cost of distilling the actor one update behind. Published after the weight
-    # sync either way.
-    overlap: bool = False
     # Also score the drafter the run started from (drafter_path) on each step's held-out prompts
     # (respec/learner/held_out_acceptance_initial): what learning gained, on the same rollouts. Keeps a second copy
-    # of the drafter in the driver.
+    # of the drafter on each actor rank.
     compare_with_initial: bool = False
-    # Write each learner step's trajectories and the actor weights it distilled (the updated actor; with overlap,
-    # the one that generated them) to this directory (step_<n>.pt), so learner variants can be compared offline on
-    # one and the same sequence of actors (benchmarks/learner_replay.py). One actor-sized file per step: meant for
-    # the lab, not for a real actor.
+    # Write each learner step's kept features (per actor rank, step_<n>_rank<r>.pt) to this directory, so learner
+    # variants can be compared offline on the same steps (benchmarks/learner_replay.py).
     record_dir: str | None = None
 
     def __post_init__(self):
@@ -136,7 +129,8 @@ class LearnerConfig:
                       fix="use a number in [0, 1).")
         _check_number("learner.negative_feedback", self.negative_feedback, 0.0, float("inf"), low_open=False,
                       high_open=True, fix="use a coefficient >= 0 (0 turns it off).")
-        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps", "every_n_steps"):
+        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps", "max_tokens_per_step",
+                    "every_n_steps"):
             _check_int(f"learner.{key}", getattr(self, key), 1)
         for key in ("max_time_s", "learning_rate"):
             _check_number(f"learner.{key}", getattr(self, key), 0.0, float("inf"), low_open=True, high_open=True,

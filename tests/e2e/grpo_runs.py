@@ -26,10 +26,8 @@ K_MAX = 4
 TUNER = {"mode": "adaptive", "k_max": K_MAX, "explore": 0.5, "min_steps": 2}
 # The uniform ablation (every step has trajectories to learn from whatever the rewards), from the untrained day-0
 # drafter: a warm drafter on an actor that barely moves in 3 steps gains nothing, so its candidates would rightly
-# fail the held-out check and no version would be published. refresh_replay on, so the runs also go through the
-# hook's re-featuring of the replay window.
-LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "reward_weighting": "uniform",
-           "refresh_replay": True}
+# fail the held-out check and no version would be published.
+LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "reward_weighting": "uniform"}
 
 
 @dataclasses.dataclass(frozen=True)

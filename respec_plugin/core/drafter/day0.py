@@ -153,8 +153,8 @@ def build_day0_drafter(
     if draft_vocab_size is None:
         draft_vocab_size = min(DEFAULT_DRAFT_VOCAB_SIZE, actor_config["vocab_size"] - 1)
     config = config_for_actor(actor_config, draft_vocab_size)
-    embedding, lm_head = read_embeddings(actor_dir, actor_config)
-    drafter = init_from_actor(config, embedding, lm_head, day0_draft_vocab(draft_vocab_size), seed)
+    _, lm_head = read_embeddings(actor_dir, actor_config)
+    drafter = init_from_actor(config, lm_head, day0_draft_vocab(draft_vocab_size), seed)
     save_drafter(drafter, out, drafter_version=0)
     logger.info("day-0 drafter for %s written to %s: %s", actor_dir, out, config)
     return config

@@ -15,6 +15,7 @@ Inference in vLLM, for anchor position t (the last position the target verified)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,23 +191,17 @@ class Eagle3Drafter(nn.Module):
     """EAGLE-3 head: ``fc`` (aux target states -> hidden), ``midlayer``, ``norm``, ``lm_head`` over the draft
     vocabulary and the ``d2t`` / ``t2d`` vocabulary maps.
 
-    The token embedding is the target's (vLLM shares it when the checkpoint has none): it is held as a frozen
-    buffer that is never saved, and must be refreshed with :meth:`set_embed_tokens` when the actor changes.
+    The token embedding is the target's (vLLM shares it when the checkpoint has none), so the head holds none:
+    :meth:`unroll` takes the target's embedding outputs, which the learner captures in the actor's own forward.
     """
 
-    def __init__(self, config: Eagle3Config, embed_tokens: torch.Tensor, draft_token_ids: torch.Tensor):
+    def __init__(self, config: Eagle3Config, draft_token_ids: torch.Tensor):
         super().__init__()
-        if tuple(embed_tokens.shape) != (config.vocab_size, config.hidden_size):
-            raise ValueError(
-                f"embed_tokens of shape {tuple(embed_tokens.shape)} does not fit the drafter: expected the target's "
-                f"input embedding weight of shape ({config.vocab_size}, {config.hidden_size})."
-            )
         self.config = config
         self.fc = nn.Linear(config.num_aux_hidden_states * config.hidden_size, config.hidden_size, bias=False)
         self.midlayer = Eagle3Midlayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
-        self.register_buffer("embed_tokens", embed_tokens.detach().clone(), persistent=False)
         draft_token_ids = torch.as_tensor(draft_token_ids, dtype=torch.long)
         if draft_token_ids.shape != (config.draft_vocab_size,) or not bool((draft_token_ids.diff() > 0).all()):
             raise ValueError(
@@ -227,39 +222,41 @@ class Eagle3Drafter(nn.Module):
         mask[self.draft_token_ids] = True
         return mask
 
-    def set_embed_tokens(self, embed_tokens: torch.Tensor) -> None:
-        """Follow the target's (possibly updated) input embedding, as vLLM's shared embedding does."""
-        self.embed_tokens.copy_(embed_tokens.detach())
-
     def combine_hidden_states(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """vLLM's ``combine_hidden_states``: [.., num_aux * H] target features -> [.., H]."""
         return self.fc(aux_hidden_states)
 
     def unroll(
         self,
-        input_ids: torch.Tensor,
+        input_embeds: torch.Tensor,
         aux_hidden_states: torch.Tensor,
         num_steps: int,
-        step_input_ids: list[torch.Tensor] | None = None,
+        *,
+        step_input_embeds: list[torch.Tensor] | None = None,
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
         first_anchor: int = 0,
     ) -> DraftSteps:
         """Runs ``num_steps`` draft steps at anchors ``first_anchor .. T - 1`` of right-padded sequences.
 
-        input_ids [B, T] are the tokens the target saw; aux_hidden_states [B, T, num_aux * H] its aux streams.
-        Step 0 at anchor t reads token x_{t+1} (position T - 1 reads pad id 0: its logits are meaningless);
-        its keys and values cover every position (the drafter's KV cache in vLLM), its queries only the anchors.
-        Step j >= 1 reads ``step_input_ids[j - 1]`` [B, T] at the anchors if given (teacher forcing: x_{t+j+1}
-        in training), else the greedy draft of step j - 1 at the same anchor, exactly as vLLM feeds it back.
-        Anchors before ``first_anchor`` (e.g. inside the prompt, never drafted from) are skipped to save compute.
+        input_embeds [B, T, H] are the target's embeddings of the tokens it saw; aux_hidden_states
+        [B, T, num_aux * H] its aux streams. Step 0 at anchor t reads token x_{t+1} (position T - 1 reads a zero
+        embedding: its logits are meaningless); its keys and values cover every position (the drafter's KV cache in
+        vLLM), its queries only the anchors. Step j >= 1 reads ``step_input_embeds[j - 1]`` [B, T, H] at the anchors
+        if given (teacher forcing: the embedding of x_{t+j+1} in training), else ``embed`` of the greedy draft of
+        step j - 1 at the same anchor, exactly as vLLM feeds it back. Anchors before ``first_anchor`` (e.g. inside
+        the prompt, never drafted from) are skipped to save compute.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} is invalid: unroll at least 1 draft step.")
-        batch, length = input_ids.shape
+        if num_steps > 1 and step_input_embeds is None and embed is None:
+            raise ValueError("unrolling past step 0 needs step_input_embeds (teacher forcing) or embed (greedy)")
+        batch, length = input_embeds.shape[:2]
+        dtype = self.fc.weight.dtype
         layer = self.midlayer
-        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-        next_ids = torch.cat([input_ids[:, 1:], input_ids.new_zeros(batch, 1)], dim=1)
-        hidden = self.combine_hidden_states(aux_hidden_states)
-        x = torch.cat([layer.input_layernorm(F.embedding(next_ids, self.embed_tokens)), layer.hidden_norm(hidden)], -1)
+        positions = torch.arange(length, device=input_embeds.device).expand(batch, length)
+        next_embeds = torch.cat([input_embeds[:, 1:], input_embeds.new_zeros(batch, 1, input_embeds.shape[-1])], dim=1)
+        hidden = self.combine_hidden_states(aux_hidden_states.to(dtype))
+        x = torch.cat([layer.input_layernorm(next_embeds.to(dtype)), layer.hidden_norm(hidden)], -1)
         q, context_k, context_v = layer.self_attn.project(x, positions)
         own_k: list[torch.Tensor] = []
         own_v: list[torch.Tensor] = []
@@ -268,11 +265,11 @@ class Eagle3Drafter(nn.Module):
         out = DraftSteps([], [])
         for step in range(num_steps):
             if step > 0:
-                if step_input_ids is not None:
-                    token_ids = step_input_ids[step - 1][:, first_anchor:]
+                if step_input_embeds is not None:
+                    embeds = step_input_embeds[step - 1][:, first_anchor:]
                 else:
-                    token_ids = self.draft_token_ids[out.logits[-1].argmax(-1)]
-                embeds = layer.input_layernorm(F.embedding(token_ids, self.embed_tokens))
+                    embeds = embed(self.draft_token_ids[out.logits[-1].argmax(-1)])
+                embeds = layer.input_layernorm(embeds.to(dtype))
                 q, k, v = layer.self_attn.project(torch.cat([embeds, layer.hidden_norm(hidden)], -1),
                                                   anchor_positions + step)
                 own_k.append(k)
@@ -286,12 +283,18 @@ class Eagle3Drafter(nn.Module):
         return out
 
     @torch.no_grad()
-    def propose(self, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, num_speculative_tokens: int) -> list[int]:
+    def propose(self, input_ids: torch.Tensor, aux_hidden_states: torch.Tensor, num_speculative_tokens: int,
+                embed_tokens: torch.Tensor) -> list[int]:
         """The greedy draft vLLM proposes after a target step: ``input_ids`` [T] ends with the token the target
-        just sampled (not yet run through it) and ``aux_hidden_states`` [T - 1, num_aux * H] covers the rest."""
+        just sampled (not yet run through it), ``aux_hidden_states`` [T - 1, num_aux * H] covers the rest, and
+        ``embed_tokens`` is the target's embedding table, which vLLM shares with the drafter."""
         assert aux_hidden_states.shape[0] == input_ids.shape[0] - 1
-        steps = self.unroll(input_ids[None], F.pad(aux_hidden_states, (0, 0, 0, 1))[None], num_speculative_tokens,
-                            first_anchor=input_ids.shape[0] - 2)
+
+        def embed(token_ids: torch.Tensor) -> torch.Tensor:
+            return F.embedding(token_ids, embed_tokens)
+
+        steps = self.unroll(embed(input_ids)[None], F.pad(aux_hidden_states, (0, 0, 0, 1))[None],
+                            num_speculative_tokens, embed=embed, first_anchor=input_ids.shape[0] - 2)
         return [int(self.draft_token_ids[logits[0, 0].argmax()]) for logits in steps.logits]
 
 
@@ -317,13 +320,12 @@ def draft_vocab_from_counts(token_counts: torch.Tensor, draft_vocab_size: int) -
 
 
 def init_from_actor(
-    config: Eagle3Config, actor_input_embeddings: torch.Tensor, actor_lm_head: torch.Tensor,
-    draft_token_ids: torch.Tensor, seed: int,
+    config: Eagle3Config, actor_lm_head: torch.Tensor, draft_token_ids: torch.Tensor, seed: int,
 ) -> Eagle3Drafter:
     """Day-0 drafter: the actor's LM-head rows for the draft vocabulary, Llama's init (N(0, 0.02), unit norms)
     elsewhere. Serves from the first step; the offline warm-up and the online learner improve it."""
     generator = torch.Generator().manual_seed(seed)
-    drafter = Eagle3Drafter(config, actor_input_embeddings, draft_token_ids)
+    drafter = Eagle3Drafter(config, draft_token_ids)
     with torch.no_grad():
         for name, parameter in drafter.named_parameters():
             if name.endswith("norm.weight"):

@@ -64,9 +64,8 @@ def save_drafter(drafter: Eagle3Drafter, path: str | os.PathLike, drafter_versio
     os.replace(f.name, path / CONFIG_FILE)
 
 
-def load_drafter(path: str | os.PathLike, embed_tokens: torch.Tensor) -> tuple[Eagle3Drafter, int]:
-    """The drafter saved at ``path`` and its version; ``embed_tokens`` is the target's input embedding weight
-    (the checkpoint has none, exactly as vLLM serves it)."""
+def load_drafter(path: str | os.PathLike) -> tuple[Eagle3Drafter, int]:
+    """The drafter saved at ``path`` and its version (0 when the checkpoint does not say)."""
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise ReSpecConfigError(f"drafter path {str(path)!r} has no {CONFIG_FILE}: point it at a saved EAGLE-3 drafter.")
@@ -92,9 +91,9 @@ def load_drafter(path: str | os.PathLike, embed_tokens: torch.Tensor) -> tuple[E
     d2t = tensors.pop("d2t")
     tensors.pop("t2d", None)
     try:
-        drafter = Eagle3Drafter(config, embed_tokens, d2t + torch.arange(d2t.numel()))
-    except ValueError as e:  # the checkpoint does not fit this actor, or its d2t is damaged
+        drafter = Eagle3Drafter(config, d2t + torch.arange(d2t.numel()))
+    except ValueError as e:  # its d2t is damaged
         raise ReSpecConfigError(f"drafter at {str(path)!r} cannot be loaded: {e} Use a drafter saved for this actor "
                                 "(e.g. by python -m respec_plugin.core.drafter.day0).") from e
     drafter.load_state_dict(tensors | {"draft_token_ids": drafter.draft_token_ids}, strict=True)
-    return drafter, int(raw["drafter_version"])
+    return drafter, int(raw.get("drafter_version", 0))

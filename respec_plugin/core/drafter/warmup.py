@@ -16,19 +16,26 @@ import torch
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter
 from respec_plugin.core.learner.buffer import Minibatch
 from respec_plugin.core.learner.losses import topk_target
-from respec_plugin.core.learner.objective import kd_loss_by_step
+from respec_plugin.core.learner.objective import DraftStepStats, kd_loss_by_step
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TargetFeatures:
-    """What the drafter learns from, for right-padded sequences [B, T]: the actor's residual streams entering the
-    aux layers, concatenated [B, T, num_aux * H], and its next-token log-probs over the draft vocabulary
-    (renormalised there: the drafter cannot propose other tokens) [B, T, draft_vocab]."""
+    """What the drafter learns from, for right-padded sequences [B, T]: the actor's embeddings of the tokens
+    [B, T, H], its residual streams entering the aux layers, concatenated [B, T, num_aux * H], and its next-token
+    log-probs over the draft vocabulary (renormalised there: the drafter cannot propose other tokens)
+    [B, T, draft_vocab]."""
 
+    input_embeds: torch.Tensor
     aux_hidden_states: torch.Tensor
     draft_logprobs: torch.Tensor
+
+    def rows(self, rows: torch.Tensor, length: int) -> "TargetFeatures":
+        """The features of ``rows``, cut to their first ``length`` positions."""
+        return TargetFeatures(self.input_embeds[rows, :length], self.aux_hidden_states[rows, :length],
+                              self.draft_logprobs[rows, :length])
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,13 @@ class DistillSpec:
 def actor_features(
     actor, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Eagle3Drafter
 ) -> TargetFeatures:
-    """One no-grad actor forward; HF ``hidden_states[i]`` is vLLM's aux stream i (the residual entering layer i)."""
+    """One no-grad actor forward; HF ``hidden_states[i]`` is vLLM's aux stream i (the residual entering layer i), and
+    ``hidden_states[0]`` the embedding output."""
     out = actor(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     aux = torch.cat([out.hidden_states[i] for i in drafter.config.eagle_aux_hidden_state_layer_ids], dim=-1)
     logits = out.logits[..., drafter.draft_token_ids].float()
-    return TargetFeatures(aux_hidden_states=aux.float(), draft_logprobs=logits.log_softmax(-1))
+    return TargetFeatures(input_embeds=out.hidden_states[0].float(), aux_hidden_states=aux.float(),
+                          draft_logprobs=logits.log_softmax(-1))
 
 
 def precompute_features(
@@ -59,19 +68,20 @@ def precompute_features(
     """Actor features for many right-padded sequences, in chunks (the actor is frozen during the warm-up)."""
     chunks = [actor_features(actor, input_ids[i : i + batch_size], attention_mask[i : i + batch_size], drafter)
               for i in range(0, input_ids.shape[0], batch_size)]
-    return TargetFeatures(torch.cat([c.aux_hidden_states for c in chunks]), torch.cat([c.draft_logprobs for c in chunks]))
+    return TargetFeatures(*(torch.cat([getattr(c, name) for c in chunks])
+                            for name in ("input_embeds", "aux_hidden_states", "draft_logprobs")))
 
 
 def warmup_loss(
     drafter: Eagle3Drafter, input_ids: torch.Tensor, features: TargetFeatures, response_mask: torch.Tensor,
     num_draft_steps: int,
-) -> tuple[torch.Tensor, list[dict[str, float]]]:
+) -> tuple[torch.Tensor, list[DraftStepStats]]:
     """The warm-up's objective on sequences [B, T]: :func:`kd_loss_by_step` (loss, and its statistics per draft
     step) with forward KL to the whole draft-vocabulary distribution (a top-k target with k = draft vocab), the
     response mask as both loss mask and token weights (no rewards offline) and no negative feedback (no verifier)."""
     mask = response_mask.float()
-    batch = Minibatch(input_ids=input_ids, aux_hidden_states=features.aux_hidden_states,
-                      target=topk_target(features.draft_logprobs, features.draft_logprobs.shape[-1]),
+    batch = Minibatch(input_ids=input_ids, input_embeds=features.input_embeds,
+                      aux_hidden_states=features.aux_hidden_states, target=topk_target(features.draft_logprobs, features.draft_logprobs.shape[-1]),
                       loss_mask=mask, token_weights=mask)
     return kd_loss_by_step(drafter, batch, divergence="forward_kl", negative_feedback_coef=0.0,
                            num_draft_steps=num_draft_steps)
@@ -128,10 +138,8 @@ def distill(
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         rows = torch.randint(input_ids.shape[0], (spec.batch_size,), generator=generator)
         length = int(response_mask[rows].nonzero()[:, 1].max()) + 1  # trailing columns are padding in every row
-        batch_features = TargetFeatures(features.aux_hidden_states[rows, :length],
-                                        features.draft_logprobs[rows, :length])
-        loss, _ = warmup_loss(drafter, input_ids[rows, :length], batch_features, response_mask[rows, :length],
-                              spec.num_draft_steps)
+        loss, _ = warmup_loss(drafter, input_ids[rows, :length], features.rows(rows, length),
+                              response_mask[rows, :length], spec.num_draft_steps)
         return loss
 
     return train_offline(drafter, batch_loss, steps=spec.steps, learning_rate=spec.learning_rate, weight_decay=0.0,

@@ -7,7 +7,6 @@ smoothing over one step's few rollouts. Features are kept per sequence, unpadded
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,21 +16,23 @@ from respec_plugin.core.learner.losses import TopKTarget
 
 @dataclass(frozen=True)
 class SequenceFeatures:
-    """One trajectory's learning material, length L: token ids, loss mask (1 at response tokens), the actor's aux
-    hidden states [L, num_aux * H], its top-k next-token targets [L, k] and the trajectory weight."""
+    """One trajectory's learning material, length L: token ids, loss mask (1 at response tokens), the actor's
+    embeddings of the tokens [L, H] and aux hidden states [L, num_aux * H], its top-k next-token targets [L, k], the
+    trajectory weight, its row in the RL step, and whether it is held out (checked on, trained on a step later)."""
 
     token_ids: torch.Tensor
     loss_mask: torch.Tensor
+    input_embeds: torch.Tensor
     aux_hidden_states: torch.Tensor
     target_probs: torch.Tensor
     target_ids: torch.Tensor
-    weight: float
+    weight: float = 1.0
+    row: int = 0
+    held_out: bool = False
 
-    def prompt_key(self) -> tuple[int, ...]:
-        """The prompt's token ids (the tokens before the first response token): GRPO's group of this sequence."""
-        response = self.loss_mask.nonzero()
-        end = int(response[0]) if response.numel() else self.token_ids.numel()
-        return tuple(self.token_ids[:end].tolist())
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
 
 
 @dataclass(frozen=True)
@@ -39,48 +40,37 @@ class Minibatch:
     """Right-padded sequences [B, T]: ``token_weights`` = loss mask x trajectory weight, ``loss_mask`` unweighted."""
 
     input_ids: torch.Tensor
+    input_embeds: torch.Tensor
     aux_hidden_states: torch.Tensor
     target: TopKTarget
     loss_mask: torch.Tensor
     token_weights: torch.Tensor
 
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
 
-def collate(sequences: list[SequenceFeatures]) -> Minibatch:
+
+def collate(sequences: list[SequenceFeatures], device: torch.device | str = "cpu") -> Minibatch:
+    """Right-pad ``sequences`` into one minibatch on ``device``."""
     length = max(s.token_ids.numel() for s in sequences)
 
     def pad(tensors: list[torch.Tensor]) -> torch.Tensor:
-        out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]))
+        out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]), device=device)
         for i, tensor in enumerate(tensors):
             out[i, : tensor.shape[0]] = tensor
         return out
 
-    loss_mask = pad([s.loss_mask for s in sequences])
-    weights = torch.tensor([s.weight for s in sequences])[:, None]
+    loss_mask = pad([s.loss_mask.float() for s in sequences])
+    weights = torch.tensor([s.weight for s in sequences], device=device)[:, None]
     return Minibatch(
         input_ids=pad([s.token_ids for s in sequences]),
+        input_embeds=pad([s.input_embeds for s in sequences]),
         aux_hidden_states=pad([s.aux_hidden_states for s in sequences]),
         target=TopKTarget(pad([s.target_probs for s in sequences]), pad([s.target_ids for s in sequences])),
         loss_mask=loss_mask,
         token_weights=loss_mask * weights,
     )
-
-
-def split_held_out(sequences: list[SequenceFeatures], fraction: float
-                   ) -> tuple[list[SequenceFeatures], list[SequenceFeatures]]:
-    """(held out, training): every ``round(1 / fraction)``-th prompt group, at least one, is held out whole.
-
-    GRPO samples n responses per prompt; a held-out response whose prompt is trained on rewards memorising the
-    step's prompts, which the next rollout does not repeat. A step with a single prompt is split per sequence.
-    """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, sequence in enumerate(sequences):
-        groups.setdefault(sequence.prompt_key(), []).append(i)
-    stride = max(2, round(1 / fraction))
-    if len(groups) > 1:
-        held = {i for g, members in enumerate(groups.values()) if g % stride == 0 for i in members}
-    else:
-        held = set(range(0, len(sequences), stride))
-    return [sequences[i] for i in sorted(held)], [s for i, s in enumerate(sequences) if i not in held]
 
 
 class ReplayBuffer:
@@ -92,19 +82,15 @@ class ReplayBuffer:
     def add_step(self, sequences: list[SequenceFeatures]) -> None:
         self.steps.append(list(sequences))
 
-    def refresh(self, recompute: Callable[[list[SequenceFeatures]], list[SequenceFeatures]]) -> None:
-        """Replace every stored sequence by ``recompute``'s version of it (one call over the whole window)."""
-        refreshed = iter(recompute(self.sequences))
-        self.steps = deque(([next(refreshed) for _ in step] for step in self.steps), maxlen=self.steps.maxlen)
-
     @property
     def sequences(self) -> list[SequenceFeatures]:
         return [s for step in self.steps for s in step]
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> Minibatch:
+    def sample(self, batch_size: int, generator: torch.Generator) -> list[SequenceFeatures]:
+        """Up to ``batch_size`` distinct sequences at random (all of them when fewer are stored)."""
         sequences = self.sequences
         rows = torch.randperm(len(sequences), generator=generator)[:batch_size]
-        return collate([sequences[int(i)] for i in rows])
+        return [sequences[int(i)] for i in rows]
 
     def summary(self) -> dict[str, float]:
         sequences = self.sequences

@@ -1,11 +1,17 @@
-"""The online learner: between RL steps, a bounded number of KD steps on the step's features (+ replay), a safety
-check on a held-out slice, then publication of a new drafter version; its state lives in verl's checkpoint dir.
+"""The online learner on one data-parallel rank: a bounded number of KD steps on the step's features (+ replay), a
+safety check on the held-out prompt groups, then publication of a new drafter version; its state goes into the
+trainer's checkpoint.
 
-Safety: a non-finite loss, an exception, or a candidate whose held-out acceptance (of the greedy draft vLLM verifies)
-is below the serving version's never reaches the engine. The held-out slice is whole prompt groups, so the check
-measures the drafter on prompts it did not train on, as the next rollout will. The learner then reverts to the
-serving weights and counts the rejected version; the engine keeps serving the last good version (the server also
-rolls back a push it cannot load).
+Data-parallel: every rank keeps the features it computed and trains the same drafter on them; the loss is normalised
+by weight totals summed over the ranks and the gradients are summed, so N ranks make the update one rank would make
+on all their rows. The ranks agree on every decision (stop for time, a failed step, the held-out check, a refused
+push), so they always hold the same drafter.
+
+Safety: a non-finite loss, an exception (running out of memory included), or a candidate whose held-out acceptance (of
+the greedy draft vLLM verifies) is below the serving version's never reaches the engine. The held-out slice is whole
+prompt groups, so the check measures the drafter on prompts it did not train on, as the next rollout will. The
+learner then reverts to the serving weights and counts the rejected version; the engines keep serving the last good
+version (each one also rolls back a push it cannot load).
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,61 +29,58 @@ import torch
 from respec_plugin.core.config import LearnerConfig
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter, vllm_weights
 from respec_plugin.core.drafter.io import load_drafter, save_drafter
-from respec_plugin.core.learner.buffer import Minibatch, ReplayBuffer, SequenceFeatures, collate, split_held_out
-from respec_plugin.core.learner.objective import held_out_scores, kd_loss
+from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, collate
+from respec_plugin.core.learner.objective import (
+    DraftStepStats,
+    held_out_stats,
+    kd_loss_by_step,
+    mean_over_steps,
+    step_weight_totals,
+)
+from respec_plugin.core.learner.ranks import Ranks
 
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "respec/learner/"
 STATE_FILE = "learner_state.pt"
+STATE_FORMAT = 1
 SUMMARY_FILE = "buffer_summary.json"
-DRAFTER_DIR = "drafter"
-
-
-
-@dataclass(frozen=True)
-class PublishReport:
-    """Outcome of one publish: which engines serve the new version, and why the others refused it."""
-
-    version: int
-    accepted: int
-    rejected: int
-    errors: tuple[str, ...]
-    serving_versions: tuple[int, ...]
-
-    @property
-    def ok(self) -> bool:
-        return self.rejected == 0
-
-
-# publish(weights, version) -> PublishReport: loads a drafter version into the serving engines.
-PublishFn = Callable[[list[tuple[str, torch.Tensor]], int], PublishReport]
+SERVING_DIR = "drafter"
+CANDIDATE_DIR = "candidate"
 
 
 @dataclass
 class Candidate:
-    """A trained drafter (the learner's training copy) not yet published, with what its checks measured."""
+    """A trained drafter (the learner's training copy) not yet published, with what its checks measured;
+    ``rejection`` says why it must not be published (None: it may)."""
 
-    start: float  # perf_counter() when training began
-    held_out: Minibatch
-    serving: dict[str, float]  # held-out scores of the serving version
-    weight_mean: float
+    weight_mean: float = 0.0
+    sequences: int = 0
+    tokens: int = 0
     loss: float | None = None
-    scores: dict[str, float] | None = None  # held-out scores of the candidate
-    error: Exception | None = None  # why it must not be published (NaN loss, worse on held-out, an exception)
+    serving: dict[str, float] = field(default_factory=dict)  # held-out scores of the serving version
+    scores: dict[str, float] = field(default_factory=dict)  # held-out scores of the candidate
+    initial: dict[str, float] = field(default_factory=dict)  # held-out scores of the drafter the run started from
+    rejection: str | None = None
+
+
+class _Rejected(Exception):
+    """A candidate that must not be published (its message says why)."""
 
 
 class OnlineLearner:
-    """Owns the training copy of the drafter, its optimizer, the replay buffer and the version counter.
+    """Owns the training copy of the drafter, its optimizer, the replay buffer and the version counter, on one rank.
 
-    ``serving_version`` is the version the engines serve (the learner's last successful publish, or the one it was
+    ``serving_version`` is the version the engines serve (the last successful publish, or the one the learner
     started from); ``latest_version`` the highest number handed out, so a rejected number is never reused.
     """
 
-    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, serving_version: int, seed: int = 0,
-                 initial: Eagle3Drafter | None = None):
+    def __init__(self, config: LearnerConfig, drafter: Eagle3Drafter, serving_version: int, *, seed: int = 0,
+                 initial: Eagle3Drafter | None = None, process_group=None):
         self.config = config
         self.drafter = drafter
+        self.device = next(drafter.parameters()).device
+        self.ranks = Ranks(process_group, self.device)
         # The drafter the run started from, scored beside the serving one (``config.compare_with_initial``).
         self.initial = initial
         self.serving_version = serving_version
@@ -87,131 +89,191 @@ class OnlineLearner:
         self.optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.learning_rate, weight_decay=0.0,
                                            betas=(0.9, 0.95))
         self.buffer = ReplayBuffer(config.replay_steps)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         # The drafter the engines serve: scored against each candidate, the training copy's way back after a failure.
         self.serving = copy.deepcopy(drafter)
         # The previous step's held-out sequences: checked against then, trained on now.
         self._held_out_last: list[SequenceFeatures] = []
 
-    def set_embed_tokens(self, embed_tokens: torch.Tensor) -> None:
-        """Follow the actor's updated input embedding in every drafter copy (vLLM shares the target's)."""
-        for drafter in (self.drafter, self.serving, self.initial):
-            if drafter is not None:
-                drafter.set_embed_tokens(embed_tokens)
-
-    def refresh_targets(self, recompute: Callable[[list[SequenceFeatures]], list[SequenceFeatures]]) -> None:
-        """Recompute the replayed sequences' features (``learner.refresh_replay``): their targets came from the actor
-        of the step that generated them; the next drafts are verified by the actor of now."""
-        self.buffer.refresh(recompute)
-        if self._held_out_last:
-            self._held_out_last = recompute(self._held_out_last)
-
-    def step(self, sequences: list[SequenceFeatures], publish: PublishFn) -> dict[str, float]:
-        """Learn from one RL step's sequences and publish the result if it is safe; returns ``respec/learner/*``."""
-        return self.publish(self.train_candidate(sequences), publish)
+    # ----- training -----------------------------------------------------------------------------------------
 
     def train_candidate(self, sequences: list[SequenceFeatures]) -> Candidate:
-        """Train on one RL step's sequences (+ replay) and check the result on the held-out prompt groups. Touches
-        only the training copy and the buffer, so it may run while the engines serve (overlapped mode); nothing
-        reaches them before :meth:`publish`."""
+        """Train on this rank's sequences of one RL step (+ replay) and check the result on the held-out ones, with
+        the other ranks. Touches only the training copy and the buffer: nothing reaches the engines before the
+        candidate is published. Never raises for a bad candidate: its ``rejection`` says what went wrong."""
         start = time.perf_counter()
-        held_out_sequences, training = split_held_out(sequences, self.config.holdout_fraction)
-        held_out = collate(held_out_sequences)
+        held_out = [s for s in sequences if s.held_out]
+        training = [s for s in sequences if not s.held_out]
         self.buffer.add_step(training + self._held_out_last)
-        self._held_out_last = held_out_sequences
-        candidate = Candidate(start=start, held_out=held_out,
-                              serving=held_out_scores(self.serving, held_out, self.config.num_draft_steps),
-                              weight_mean=sum(s.weight for s in sequences) / max(len(sequences), 1))
+        self._held_out_last = held_out
+        count, weight_sum, tokens = self.ranks.sum_floats(len(sequences), sum(s.weight for s in sequences),
+                                                          sum(s.num_tokens for s in sequences))
+        candidate = Candidate(weight_mean=weight_sum / max(count, 1.0), sequences=int(count), tokens=int(tokens))
         try:
+            candidate.serving = self._held_out_scores(self.serving, held_out)
+            if self.initial is not None:
+                candidate.initial = self._held_out_scores(self.initial, held_out)
             candidate.loss = self._train(start)
-            candidate.scores = held_out_scores(self.drafter, held_out, self.config.num_draft_steps)
+            candidate.scores = self._held_out_scores(self.drafter, held_out)
             accept, serving_accept = candidate.scores["greedy_acceptance"], candidate.serving["greedy_acceptance"]
             if not math.isfinite(candidate.scores["tv"]) or not accept >= serving_accept:
                 raise _Rejected(f"held-out acceptance {accept:.4f} is below the serving version's {serving_accept:.4f}")
         except Exception as e:  # noqa: BLE001 -- any failure of the learner must leave the serving version alone
-            candidate.error = e
+            candidate.rejection = f"{type(e).__name__}: {e}"
         return candidate
 
-    def publish(self, candidate: Candidate, publish: PublishFn) -> dict[str, float]:
-        """Publish a candidate that passed its checks as the next version; otherwise (or if the engines refuse it)
-        revert to the serving weights and count it. Returns the step's ``respec/learner/*`` metrics."""
+    def _held_out_scores(self, drafter: Eagle3Drafter, held_out: list[SequenceFeatures]) -> dict[str, float]:
+        """Held-out statistics of ``drafter``, over every rank's held-out sequences."""
+        local = (held_out_stats(drafter, collate(held_out, self.device), self.config.num_draft_steps)
+                 if held_out and any(float(s.loss_mask.sum()) for s in held_out) else None)
+        names = ("divergence", "tv", "greedy_acceptance", "greedy_acceptance_ceiling", "negative_feedback")
+        by_step = []
+        for j in range(self.config.num_draft_steps):
+            step = local[j] if local is not None else DraftStepStats(dict.fromkeys(names, 0.0), 0.0)
+            *sums, tokens = self.ranks.sum_floats(*(step.sums[name] for name in names), step.tokens)
+            if tokens <= 0:
+                raise _Rejected("no held-out response token on any rank: the candidate cannot be checked")
+            by_step.append(DraftStepStats(dict(zip(names, sums)), tokens))
+        return mean_over_steps(by_step)
+
+    def _train(self, start: float) -> float:
+        """At most ``steps_per_rl_step`` AdamW steps within ``max_time_s``; returns their mean loss (over ranks)."""
+        if self.ranks.sum_floats(len(self.buffer.sequences))[0] == 0:
+            raise _Rejected("no training sequences this step")
+        local_batch = max(1, math.ceil(self.config.batch_size / self.ranks.size))
+        losses = []
+        self.drafter.train()
         try:
-            if candidate.error is not None:
-                raise candidate.error
-            self.latest_version += 1
-            report = publish(vllm_weights(self.drafter), self.latest_version)
-            if not report.ok:
-                raise _Rejected(f"the engine refused it: {report.errors[0]}")
-        except Exception as e:  # noqa: BLE001 -- any failure of the learner must leave the serving version alone
-            self.rejected_versions += 1
-            self.drafter.load_state_dict(self.serving.state_dict())
-            logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving (%s)",
-                         e, self.serving_version, type(e).__name__)
-            served = candidate.serving
-        else:
+            for _ in range(self.config.steps_per_rl_step):
+                if losses and self.ranks.from_rank0(time.perf_counter() - start > self.config.max_time_s):
+                    break
+                losses.append(self._train_step(local_batch))
+        finally:
+            self.drafter.eval()
+        return sum(losses) / len(losses)
+
+    def _train_step(self, local_batch: int) -> float:
+        """One optimizer step over every rank's minibatch; all ranks agree whether it succeeded."""
+        sampled = self.buffer.sample(local_batch, self.generator)
+        sampled = [s for s in sampled if float(s.loss_mask.sum()) > 0]
+        batch = collate(sampled, self.device) if sampled else None
+        totals = (step_weight_totals(batch, self.config.num_draft_steps) if batch is not None
+                  else torch.zeros(self.config.num_draft_steps, device=self.device))
+        totals = self.ranks.sum(totals)
+        self.optimizer.zero_grad(set_to_none=True)
+        error, share = None, 0.0
+        try:
+            if batch is not None:
+                loss, _ = kd_loss_by_step(self.drafter, batch, divergence=self.config.divergence,
+                                          negative_feedback_coef=self.config.negative_feedback,
+                                          num_draft_steps=self.config.num_draft_steps, weight_totals=totals)
+                share = loss.item()
+                if not math.isfinite(share):
+                    raise _Rejected(f"non-finite loss {share}")
+                loss.backward()
+        except Exception as e:  # noqa: BLE001 -- the ranks must agree before the gradient sum: report, then decide
+            error = f"{type(e).__name__}: {e}"
+        error = self.ranks.first_error(error)
+        if error is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise _Rejected(error)
+        self.ranks.sum_gradients(self.drafter.parameters())
+        torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+        self.optimizer.step()
+        return self.ranks.sum_floats(share)[0]
+
+    def failed_candidate(self, error: BaseException) -> Candidate:
+        """A candidate for a step the learner could not train at all (its features were lost, say)."""
+        return Candidate(rejection=f"{type(error).__name__}: {error}")
+
+    def candidate_metrics(self, candidate: Candidate) -> dict[str, float]:
+        """The ``respec/learner/*`` metrics of a candidate's training and checks (the version counters come with
+        :meth:`settle`)."""
+        metrics = {"weight_mean": candidate.weight_mean, "sequences": float(candidate.sequences)}
+        if candidate.loss is not None:
+            metrics["loss"] = candidate.loss
+        if candidate.serving:
+            metrics["held_out_acceptance_ceiling"] = candidate.serving["greedy_acceptance_ceiling"]
+        if candidate.initial:
+            metrics["held_out_acceptance_initial"] = candidate.initial["greedy_acceptance"]
+        if candidate.scores:
+            metrics["candidate_held_out_acceptance"] = candidate.scores["greedy_acceptance"]
+        return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}
+
+    # ----- publication --------------------------------------------------------------------------------------
+
+    def next_version(self, candidate: Candidate) -> int | None:
+        """The version a candidate that passed its checks is published as; None for one that must not be."""
+        if candidate.rejection is not None:
+            return None
+        self.latest_version += 1
+        return self.latest_version
+
+    def candidate_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return vllm_weights(self.drafter)
+
+    def serving_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return vllm_weights(self.serving)
+
+    def agree(self, refused: str | None) -> str | None:
+        """A push succeeded only where every rank's engine took it: the first refusal, on every rank."""
+        return self.ranks.first_error(refused)
+
+    def settle(self, candidate: Candidate, refused: str | None) -> dict[str, float]:
+        """After the publication attempt: a candidate the engines took (``refused`` None) becomes the serving
+        version; any other is counted as rejected and the training copy reverts to the serving weights. Returns the
+        step's publication metrics."""
+        rejection = candidate.rejection or (f"the engine refused it: {refused}" if refused is not None else None)
+        if rejection is None:
             self.serving_version = self.latest_version
             self.serving.load_state_dict(self.drafter.state_dict())
             served = candidate.scores
-        metrics = {"weight_mean": candidate.weight_mean, "tv": served["tv"],
-                   "held_out_acceptance": served["greedy_acceptance"],
-                   "held_out_acceptance_ceiling": candidate.serving["greedy_acceptance_ceiling"]}
-        if candidate.loss is not None:
-            metrics["loss"] = candidate.loss
-        if self.initial is not None:
-            metrics["held_out_acceptance_initial"] = held_out_scores(
-                self.initial, candidate.held_out, self.config.num_draft_steps)["greedy_acceptance"]
-        metrics.update(time_s=time.perf_counter() - candidate.start, published_version=float(self.serving_version),
-                       rejected_versions=float(self.rejected_versions))
-        return {METRIC_PREFIX + name: float(value) for name, value in metrics.items()}
+        else:
+            self.rejected_versions += 1
+            self.drafter.load_state_dict(self.serving.state_dict())
+            logger.error("respec learner: candidate drafter not published (%s); v%d keeps serving", rejection,
+                         self.serving_version)
+            served = candidate.serving
+        metrics = {"published_version": float(self.serving_version), "rejected_versions": float(self.rejected_versions)}
+        if served:
+            metrics.update(tv=served["tv"], held_out_acceptance=served["greedy_acceptance"])
+        return {METRIC_PREFIX + name: value for name, value in metrics.items()}
 
-    def _train(self, start: float) -> float:
-        """At most ``steps_per_rl_step`` AdamW steps within ``max_time_s``; returns their mean loss."""
-        if not self.buffer.sequences:
-            raise _Rejected("no training sequences this step")
-        losses = []
-        self.drafter.train()
-        for _ in range(self.config.steps_per_rl_step):
-            if losses and time.perf_counter() - start > self.config.max_time_s:
-                break
-            batch = self.buffer.sample(self.config.batch_size, self.generator)
-            loss, _ = kd_loss(self.drafter, batch, divergence=self.config.divergence,
-                              negative_feedback_coef=self.config.negative_feedback,
-                              num_draft_steps=self.config.num_draft_steps)
-            if not torch.isfinite(loss):
-                raise _Rejected(f"non-finite loss {loss.item()}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
-            self.optimizer.step()
-            losses.append(loss.item())
-        self.drafter.eval()
-        return sum(losses) / len(losses)
+    # ----- state in the trainer's checkpoint ----------------------------------------------------------------
 
-    # ----- state in verl's checkpoint directory ------------------------------------------------------------
-
-    def save(self, directory: str | Path) -> None:
-        """The serving drafter (vLLM layout, with its version), optimizer state, counters and buffer summary."""
+    def save(self, directory: str | Path, candidate: Candidate | None = None) -> None:
+        """The serving drafter (vLLM layout, with its version), a candidate not yet published (publishable at the
+        next weight sync), the optimizer state, the counters and a summary of the buffer."""
         directory = Path(directory)
-        save_drafter(self.serving, directory / DRAFTER_DIR, drafter_version=self.serving_version)
-        torch.save({"optimizer": self.optimizer.state_dict(), "latest_version": self.latest_version,
-                    "rejected_versions": self.rejected_versions, "generator": self.generator.get_state()},
-                   directory / STATE_FILE)
+        save_drafter(self.serving, directory / SERVING_DIR, drafter_version=self.serving_version)
+        pending = candidate is not None and candidate.rejection is None
+        if pending:
+            save_drafter(self.drafter, directory / CANDIDATE_DIR, drafter_version=self.latest_version + 1)
+        # A rejected candidate is counted as the publication will count it, so a resumed run's counters go on.
+        rejected = self.rejected_versions + int(candidate is not None and not pending)
+        torch.save({"format": STATE_FORMAT, "optimizer": self.optimizer.state_dict(),
+                    "latest_version": self.latest_version, "rejected_versions": rejected,
+                    "pending_candidate": pending}, directory / STATE_FILE)
         (directory / SUMMARY_FILE).write_text(json.dumps(self.buffer.summary(), indent=2))
 
-    @classmethod
-    def restore(cls, config: LearnerConfig, directory: str | Path, embed_tokens: torch.Tensor,
-                initial: Eagle3Drafter | None = None) -> "OnlineLearner":
-        """The learner saved by :meth:`save` (its buffer starts empty: only its summary is saved)."""
+    def load(self, directory: str | Path) -> Candidate | None:
+        """Restore what :meth:`save` wrote (the buffer starts empty: only its summary is saved); returns the
+        candidate that was waiting to be published, if any."""
         directory = Path(directory)
-        drafter, version = load_drafter(directory / DRAFTER_DIR, embed_tokens)
-        learner = cls(config, drafter, version, initial=initial)
-        state = torch.load(directory / STATE_FILE, weights_only=False)
-        learner.optimizer.load_state_dict(state["optimizer"])
-        learner.latest_version = state["latest_version"]
-        learner.rejected_versions = state["rejected_versions"]
-        learner.generator.set_state(state["generator"])
-        return learner
-
-
-class _Rejected(Exception):
-    """A candidate drafter that must not be published."""
+        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.device)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"learner state {directory / STATE_FILE} has format {state.get('format')!r}, this respec "
+                             f"reads format {STATE_FORMAT}")
+        serving, version = load_drafter(directory / SERVING_DIR)
+        self.serving.load_state_dict(serving.state_dict())
+        self.drafter.load_state_dict(serving.state_dict())
+        self.serving_version = version
+        if state["pending_candidate"]:
+            candidate, _ = load_drafter(directory / CANDIDATE_DIR)
+            self.drafter.load_state_dict(candidate.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.latest_version = state["latest_version"]
+        self.rejected_versions = state["rejected_versions"]
+        self.generator.manual_seed(self.seed + self.latest_version)
+        return Candidate() if state["pending_candidate"] else None

@@ -8,9 +8,15 @@ drafting (vLLM's default) a drafted token d is rejected exactly when the token e
 d (accepted drafts are emitted as is, a rejection resamples from the residual p - q, which excludes d). So the
 drafter's own greedy drafts on the trajectory, compared with the emitted tokens, give the rejected ones; on the first
 learner step that is exactly what the serving version drafted, at no extra cost.
+
+Each row's contribution depends on that row alone (its anchors start two before its own first learned token), and the
+weighted means can take totals summed over data-parallel ranks: N ranks holding parts of a batch compute the same
+loss as one rank holding all of it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -19,18 +25,55 @@ from respec_plugin.core.drafter.eagle3 import Eagle3Drafter
 from respec_plugin.core.learner.buffer import Minibatch
 from respec_plugin.core.learner.losses import DIVERGENCES, negative_feedback, target_probability, total_variation
 
+STATISTICS = ("divergence", "tv", "greedy_acceptance", "greedy_acceptance_ceiling", "negative_feedback")
+
+
+@dataclass(frozen=True)
+class DraftStepStats:
+    """One draft step's statistics as ``loss_mask``-weighted sums, and the masked tokens they sum over (sums add up
+    across minibatches and ranks; :meth:`means` divides)."""
+
+    sums: dict[str, float]
+    tokens: float
+
+    def means(self) -> dict[str, float]:
+        return {name: value / max(self.tokens, 1e-6) for name, value in self.sums.items()}
+
 
 def _shift_left(x: torch.Tensor, by: int) -> torch.Tensor:
     """x[:, t + by] at t, zero-filled past the end (any trailing dims)."""
     return torch.cat([x[:, by:], torch.zeros_like(x[:, :by])], dim=1)
 
 
+def _anchors(batch: Minibatch) -> tuple[int, torch.Tensor]:
+    """The first anchor the batch unrolls from, and per row which anchors (from it on) count: those from two before
+    the row's first token with a nonzero ``loss_mask`` (the first anchor whose step-0 draft is learned). Earlier
+    anchors lie in the prompt, where vLLM does not draft."""
+    learned = batch.loss_mask > 0
+    if not bool(learned.any()):
+        raise ValueError("loss_mask is all zero: the minibatch has no drafted token to learn from.")
+    length = learned.shape[1]
+    positions = torch.arange(length, device=learned.device)
+    first_learned = torch.where(learned, positions, length).min(dim=1).values
+    row_first_anchor = (first_learned - 2).clamp_min(0)
+    first_anchor = int(row_first_anchor.min())
+    counts = positions[None, first_anchor:] >= row_first_anchor[:, None]
+    return first_anchor, counts.float()
+
+
+def step_weight_totals(batch: Minibatch, num_draft_steps: int) -> torch.Tensor:
+    """Per draft step, the total token weight its loss is normalised by (sum these over ranks for a global mean)."""
+    first_anchor, counts = _anchors(batch)
+    return torch.stack([(_shift_left(batch.token_weights.float(), j + 2)[:, first_anchor:] * counts).sum()
+                        for j in range(num_draft_steps)])
+
+
 def kd_loss_by_step(
     drafter: Eagle3Drafter, batch: Minibatch, *, divergence: Divergence, negative_feedback_coef: float,
-    num_draft_steps: int,
-) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    num_draft_steps: int, weight_totals: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[DraftStepStats]]:
     """Sum over draft steps j of the token-weighted mean of D(p || q) + coef * max(0, q(d) - p(d)) at rejected d,
-    and per draft step the ``loss_mask``-weighted means of (reward-agnostic, so comparable across steps):
+    and per draft step the ``loss_mask``-weighted statistics (reward-agnostic, so comparable across steps):
 
     - ``divergence``: D(p || q) itself;
     - ``tv``: TV(p, q) = 1 - the acceptance of a draft sampled from q (vLLM's ``draft_sample_method="probabilistic"``);
@@ -43,23 +86,21 @@ def kd_loss_by_step(
     t + j + 2 weighs it (``token_weights``). Steps j >= 1 are teacher-forced with the true token x_{t+j+1} and read
     the drafter's own previous hidden state: the acceptance of step j only matters when the steps before it were
     accepted, i.e. equalled the true tokens. Targets are renormalised over the draft vocabulary, so the acceptances
-    slightly overestimate where the actor puts mass outside it. Anchors start two before the first token with a
-    nonzero ``loss_mask`` (the first anchor whose step-0 draft is learned): earlier ones lie in the prompt, where
-    vLLM does not draft, so they are skipped, also at the later steps; later anchors do not depend on them.
+    slightly overestimate where the actor puts mass outside it. ``weight_totals`` (per step, e.g. summed over
+    data-parallel ranks by the caller) replace this batch's own totals as the means' denominators.
     """
-    predicted = batch.loss_mask.sum(0).nonzero()
-    if predicted.numel() == 0:
-        raise ValueError("loss_mask is all zero: the minibatch has no drafted token to learn from.")
-    first_anchor = max(0, int(predicted[0]) - 2)
-    teacher_ids = [_shift_left(batch.input_ids, j + 1) for j in range(1, num_draft_steps)]
-    steps = drafter.unroll(batch.input_ids, batch.aux_hidden_states, num_draft_steps, step_input_ids=teacher_ids,
-                           first_anchor=first_anchor)
-    loss = batch.input_ids.new_zeros((), dtype=torch.float32)
+    first_anchor, counts = _anchors(batch)
+    if weight_totals is None:
+        weight_totals = step_weight_totals(batch, num_draft_steps)
+    teacher_embeds = [_shift_left(batch.input_embeds, j + 1) for j in range(1, num_draft_steps)]
+    steps = drafter.unroll(batch.input_embeds, batch.aux_hidden_states, num_draft_steps,
+                           step_input_embeds=teacher_embeds, first_anchor=first_anchor)
+    loss = torch.zeros((), device=batch.loss_mask.device)
     by_step = []
     for j, logits in enumerate(steps.logits):
         target = batch.target.map(lambda x: _shift_left(x, j + 1)[:, first_anchor:])
-        weights = _shift_left(batch.token_weights.float(), j + 2)[:, first_anchor:]
-        mask = _shift_left(batch.loss_mask.float(), j + 2)[:, first_anchor:]
+        weights = _shift_left(batch.token_weights.float(), j + 2)[:, first_anchor:] * counts
+        mask = _shift_left(batch.loss_mask.float(), j + 2)[:, first_anchor:] * counts
         draft_logprobs = logits.float().log_softmax(-1)
         per_token_divergence = DIVERGENCES[divergence](target, draft_logprobs)
         per_token = per_token_divergence
@@ -71,7 +112,7 @@ def kd_loss_by_step(
             per_token = per_token + negative_feedback_coef * feedback
         else:
             feedback = torch.zeros_like(per_token_divergence)
-        loss = loss + (per_token * weights).sum() / weights.sum().clamp_min(1e-6)
+        loss = loss + (per_token * weights).sum() / weight_totals[j].clamp_min(1e-6)
         with torch.no_grad():
             per_token_stats = {
                 "divergence": per_token_divergence,
@@ -80,24 +121,37 @@ def kd_loss_by_step(
                 "greedy_acceptance_ceiling": target.probs.max(-1).values,
                 "negative_feedback": feedback,
             }
-            by_step.append({name: float((value * mask).sum() / mask.sum().clamp_min(1e-6))
-                            for name, value in per_token_stats.items()})
+            by_step.append(DraftStepStats({name: float((value * mask).sum()) for name, value in per_token_stats.items()},
+                                          float(mask.sum())))
     return loss, by_step
+
+
+def mean_over_steps(by_step: list[DraftStepStats]) -> dict[str, float]:
+    """The statistics averaged over draft steps (each step's own mean first)."""
+    means = [step.means() for step in by_step]
+    return {name: sum(m[name] for m in means) / len(means) for name in STATISTICS}
 
 
 def kd_loss(
     drafter: Eagle3Drafter, batch: Minibatch, *, divergence: Divergence, negative_feedback_coef: float,
     num_draft_steps: int,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`kd_loss_by_step` with its statistics averaged over the draft steps (what the online learner checks)."""
+    """:func:`kd_loss_by_step` of one batch with its statistics averaged over the draft steps."""
     loss, by_step = kd_loss_by_step(drafter, batch, divergence=divergence,
                                     negative_feedback_coef=negative_feedback_coef, num_draft_steps=num_draft_steps)
-    return loss, {name: sum(step[name] for step in by_step) / len(by_step) for name in by_step[0]}
+    return loss, mean_over_steps(by_step)
 
 
 @torch.no_grad()
+def held_out_stats(drafter: Eagle3Drafter, batch: Minibatch, num_draft_steps: int) -> list[DraftStepStats]:
+    """The per-step statistics of :func:`kd_loss_by_step` with TV as divergence and no negative feedback: the learner
+    compares candidates by ``greedy_acceptance``, since vLLM drafts the argmax and verifies it as one-hot by
+    default. Sums, so a caller can add them over ranks before averaging (:func:`mean_over_steps`)."""
+    _, by_step = kd_loss_by_step(drafter, batch, divergence="tv", negative_feedback_coef=0.0,
+                                 num_draft_steps=num_draft_steps)
+    return by_step
+
+
 def held_out_scores(drafter: Eagle3Drafter, batch: Minibatch, num_draft_steps: int) -> dict[str, float]:
-    """The statistics of :func:`kd_loss` with TV as divergence and no negative feedback: the learner compares
-    candidates by ``greedy_acceptance``, since vLLM drafts the argmax and verifies it as one-hot by default."""
-    _, stats = kd_loss(drafter, batch, divergence="tv", negative_feedback_coef=0.0, num_draft_steps=num_draft_steps)
-    return stats
+    """:func:`held_out_stats` of one batch, averaged over draft steps."""
+    return mean_over_steps(held_out_stats(drafter, batch, num_draft_steps))

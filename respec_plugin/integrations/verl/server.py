@@ -134,15 +134,21 @@ class ReSpecHttpServer(vLLMHttpServer):
                 "respec_load_drafter", kwargs={"safetensors_bytes": payload, "version": version}
             )
         except Exception as e:  # a worker rejected it (shape, dtype, NaN...): the rollback already happened
-            self.drafter_push_failures += 1
-            logger.error("drafter v%d rejected, still serving v%d: %s", version, self.drafter_version, e)
+            await self.drafter_push_refused(version, str(e))
             return self._status(False, str(e))
-        self.drafter_version = version
         self._last_good_drafter = weights
-        # Cached prefix blocks hold drafter KV computed with the old weights.
-        await self.engine.reset_prefix_cache()
-        logger.info("drafter v%d serving", version)
+        await self.drafter_pushed(version)
         return self._status(True, None)
+
+    async def drafter_pushed(self, version: int) -> None:
+        """An actor rank loaded drafter ``version`` into this engine's workers (the learner's push)."""
+        self.drafter_version = version
+        await self.engine.reset_prefix_cache()  # cached prefix blocks hold drafter KV of the old weights
+        logger.info("drafter v%d serving", version)
+
+    async def drafter_push_refused(self, version: int, error: str) -> None:
+        self.drafter_push_failures += 1
+        logger.error("drafter v%d rejected, still serving v%d: %s", version, self.drafter_version, error)
 
     async def restore_drafter_after_weight_sync(self) -> None:
         """Re-push the serving drafter when sleep discarded it (verl's level-2 sleep frees all weights and the

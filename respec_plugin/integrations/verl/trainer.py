@@ -29,10 +29,11 @@ DASHBOARD_FILE = "respec_dashboard.png"  # in trainer.default_local_dir: at the 
 
 
 class ReSpecTrainerMixin:
-    """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue, and runs the
-    online drafter learner (``respec.learner.enable``) after each step's actor update and weight sync (or alongside
-    the update, ``learner.overlap``). At the last step and at every checkpoint it draws the run's respec dashboard
-    (``respec_plugin.core.report``) into the checkpoint root."""
+    """Adds the step's ``respec/*`` metrics, read from the rollouts' ``extra_fields`` in TransferQueue; updates the
+    tuner between rollouts; drives the online drafter learner (``respec.learner.enable``), which runs on verl's
+    actor ranks (respec's actor worker, installed here); and saves respec's state into verl's checkpoints. At the last
+    step and at every checkpoint it draws the run's respec dashboard (``respec_plugin.core.report``) into the
+    checkpoint root."""
 
     @functools.cached_property
     def _respec(self) -> ReSpecConfig | None:
@@ -45,37 +46,69 @@ class ReSpecTrainerMixin:
     def _respec_view(self) -> TrainerView:
         return TrainerView(self)
 
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if self._respec is not None and self._respec.learner.enable:
+            from respec_plugin.integrations.verl.learner_driver import check_supported
+            from respec_plugin.integrations.verl.learner_worker import install_worker
+
+            check_supported(self.config)
+            install_worker(self.role_worker_mapping)
+
     def on_train_begin(self):
         super().on_train_begin()
         self._respec_learner = None
         self._respec_learner_metrics: dict[str, float] = {}
+        self._respec_tuner_metrics: dict[str, float] = {}
         self._respec_dashboard_steps: dict[int, dict[str, float]] = {}
         if self._respec is not None and self._respec.learner.enable:
-            from respec_plugin.integrations.verl.learner_hook import LearnerHook
+            from respec_plugin.integrations.verl.learner_driver import LearnerDriver
 
-            self._respec_learner = LearnerHook(self._respec_view, self._respec)
+            self._respec_learner = LearnerDriver(self._respec_view, self._respec.learner)
 
-    def step(self, metrics, timing_raw):
-        self._respec_step_batch = super().step(metrics, timing_raw)
-        return self._respec_step_batch
+    def _compute_old_log_prob(self, batch, metrics):
+        if self._respec_learner is None:
+            return super()._compute_old_log_prob(batch, metrics)
+        self._respec_learner.select_rows(batch)  # the actor ranks keep these rows' features in this forward
+        batch = super()._compute_old_log_prob(batch, metrics)
+        correction = self.config.algorithm.get("rollout_correction", None)
+        if correction and correction.get("bypass_mode", False):  # verl ran no forward: one over the kept rows
+            self._respec_learner.forward_selected_rows(batch, self.config)
+        return batch
 
     def _update_actor(self, batch, metrics):
-        if self._respec_learner is not None:
-            self._respec_learner.before_actor_update(batch)  # overlapped mode: starts learning alongside the update
-        return super()._update_actor(batch, metrics)
-
-    def _save_checkpoint(self):
-        super()._save_checkpoint()
-        self._respec_saved_step = self.global_steps
-
-    def on_step_end(self):
-        super().on_step_end()  # verl syncs the updated actor into the engines here (sync/colocate trainers)
+        batch = super()._update_actor(batch, metrics)
         if self._respec_learner is not None:
             from verl.utils.debug import marked_timer
 
             with marked_timer("respec_learner", self.timing_raw):
-                self._respec_learner_metrics = self._respec_learner.after_step(self._respec_step_batch)
-            self._respec_learner.save_if_due()
+                self._respec_learner_metrics = self._respec_learner.train(batch)
+        return batch
+
+    def step(self, metrics, timing_raw):
+        batch = super().step(metrics, timing_raw)
+        if self._respec is not None and self._respec.tuner.enabled:
+            from respec_plugin.integrations.verl.tuner_replicas import update_tuners
+
+            # The rollout is over: learn from it and install the next schedule (saved with this step's checkpoint).
+            self._respec_tuner_metrics = update_tuners(self._respec_view.replicas)
+        return batch
+
+    def _save_checkpoint(self):
+        # respec's state goes in before verl marks the checkpoint as the latest one (at the end of its save): a run
+        # killed at any moment resumes from a checkpoint that has all of it. The actor ranks save the learner's
+        # inside verl's save.
+        if self._respec is not None and self._respec.tuner.enabled:
+            from respec_plugin.integrations.verl.tuner_replicas import save_tuners
+
+            save_tuners(self._respec_view.replicas, self._respec_view.step_folder())
+        super()._save_checkpoint()
+        self._respec_saved_step = self.global_steps
+
+    def on_step_end(self):
+        super().on_step_end()  # verl syncs the actor into the engines here; the actor ranks push the drafter after it
+        if self._respec_learner is not None:
+            self._respec_learner_metrics.update(self._respec_learner.publication_metrics())
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
@@ -90,16 +123,9 @@ class ReSpecTrainerMixin:
         real = [not tag.get("is_padding", False) for tag in batch.tags]
         records = [RequestSpecStats.from_extra_fields(fields) for fields, keep in zip(extra_fields, real) if keep]
         metrics.update(aggregate_step_metrics(record for record in records if record is not None))
+        metrics.update(self._respec_tuner_metrics)
+        self._respec_tuner_metrics = {}
         view = self._respec_view
-        if self._respec.tuner.enabled:
-            from respec_plugin.integrations.verl.tuner_replicas import save_tuners, update_tuners
-
-            metrics.update(update_tuners(view.replicas))
-            # Saved after this step's update (verl saved its own state earlier in the step), so a resumed run
-            # serves the schedule this run's next rollout would have served.
-            if view.saved_this_step:
-                save_tuners(view.replicas, view.step_folder(global_steps))
-
         self._respec_dashboard_steps[global_steps] = {k: float(metrics[k]) for k in DASHBOARD_KEYS if k in metrics}
         # Drawn at the last step and with every checkpoint (so a killed run has one too), not in on_train_end:
         # verl 0.9.1's fit returns after its last step without calling on_train_end.

@@ -14,7 +14,10 @@ import logging
 import safetensors.torch
 import torch
 
+from verl.utils.device import get_device_name
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+
+from respec_plugin.integrations.vllm.drafter_transfer import drafter_ipc_handle
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +36,30 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
         """Load a serialized drafter (checkpoint names) as ``version``; roll back and raise on any failure.
 
         The weights arrive as safetensors bytes: ``collective_rpc`` carries bytes intact to every worker
-        (local or on another node), while tensors in its arguments would arrive as nested lists.
+        (local or on another node), while tensors in its arguments would arrive as nested lists. The server uses
+        this path for the drafter checkpoint it starts from.
         """
-        weights = safetensors.torch.load(safetensors_bytes).items()
+        return self._respec_load(list(safetensors.torch.load(safetensors_bytes).items()), version)
+
+    def respec_update_drafter_from_ipc(self, version: int, use_shm: bool = False) -> dict:
+        """Receive drafter ``version`` from the co-located actor rank (the learner's push, over the same bucketed
+        IPC / shared-memory transport verl uses for the actor's weights, on a socket of its own) and load it all or
+        nothing, as :meth:`respec_load_drafter`."""
+        from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
+
+        if self.device is None:
+            self.device = torch.device(f"{get_device_name()}:{self.local_rank}")
+        received: list[tuple[str, torch.Tensor]] = []
+
+        def on_bucket(weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
+            # Copies: the receiver reuses its bucket buffer for the next bucket.
+            received.extend((name, tensor.clone()) for name, tensor in weights)
+
+        BucketedWeightReceiver(zmq_handle=drafter_ipc_handle(self._get_zmq_handle()), device=self.device,
+                               use_shm=use_shm).receive_weights(on_bucket_received=on_bucket)
+        return self._respec_load(received, version)
+
+    def _respec_load(self, weights: list[tuple[str, torch.Tensor]], version: int) -> dict:
         drafter = self.model_runner.get_draft_model()
         if drafter is None:
             raise DrafterPushError("this engine has no drafter model (speculation off or a model-free method)")

@@ -86,8 +86,7 @@ def served(tiny_lab):
 
     llm = _engine(tiny_lab.actor_dir, tiny_lab.day0_drafter_dir)
     results["day0"] = _generate(llm, prompts)
-    actor = AutoModelForCausalLM.from_pretrained(tiny_lab.actor_dir)
-    warmed, version = load_drafter(tiny_lab.drafter_dir, actor.get_input_embeddings().weight)
+    warmed, version = load_drafter(tiny_lab.drafter_dir)
     payload = safetensors.torch.save({name: t.contiguous() for name, t in vllm_weights(warmed)})
     results["push_reply"] = llm.collective_rpc("respec_load_drafter", args=(payload, version))
     results["pushed"] = _generate(llm, prompts)
@@ -124,7 +123,7 @@ def test_torch_head_predicts_vllm_acceptance_at_every_verify_step(served, tiny_l
     """Replays each request's verify steps: the torch head's greedy draft (on HF actor features) accepted as far
     as it matches the target's greedy tokens must equal vLLM's per-step accepted count."""
     actor = AutoModelForCausalLM.from_pretrained(tiny_lab.actor_dir).eval()
-    drafter, _ = load_drafter(tiny_lab.drafter_dir, actor.get_input_embeddings().weight)
+    drafter, _ = load_drafter(tiny_lab.drafter_dir)
     ids = drafter.config.eagle_aux_hidden_state_layer_ids
     tokens, _, per_step_accepted = served["warmed"]
     matches = total = 0
@@ -138,7 +137,8 @@ def test_torch_head_predicts_vllm_acceptance_at_every_verify_step(served, tiny_l
             context = len(prompt) + num_output
             if num_output + NUM_SPECULATIVE_TOKENS >= len(output):
                 break  # near the end vLLM truncates at the stop token / max_tokens
-            draft = drafter.propose(sequence[:context], aux[: context - 1], NUM_SPECULATIVE_TOKENS)
+            draft = drafter.propose(sequence[:context], aux[: context - 1], NUM_SPECULATIVE_TOKENS,
+                                    actor.get_input_embeddings().weight)
             truth = output[num_output : num_output + NUM_SPECULATIVE_TOKENS]
             torch_accepted = next((i for i, (d, t) in enumerate(zip(draft, truth)) if d != t), len(draft))
             matches += torch_accepted == vllm_accepted

@@ -301,14 +301,15 @@ class FirstDraft:
 
     def __init__(self, actor, tiny_lab, draft_model_dir: str):
         self.actor = actor
-        self.eagle3, _ = load_drafter(tiny_lab.drafter_dir, actor.get_input_embeddings().weight)
+        self.eagle3, _ = load_drafter(tiny_lab.drafter_dir)
         self.draft_model = AutoModelForCausalLM.from_pretrained(draft_model_dir, dtype=torch.float32).eval()
         self._aux_hidden_states: dict[tuple[int, ...], torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, config: ReSpecConfig, context: list[int], x1: int) -> int | None:
         if config.method == "eagle3":
-            draft = self.eagle3.propose(torch.tensor(context + [x1]), self._aux(context), config.num_speculative_tokens)
+            draft = self.eagle3.propose(torch.tensor(context + [x1]), self._aux(context), config.num_speculative_tokens,
+                                        self.actor.get_input_embeddings().weight)
             return draft[0]
         if config.method == "draft_model":
             return int(self.draft_model(torch.tensor([context + [x1]])).logits[0, -1].argmax())

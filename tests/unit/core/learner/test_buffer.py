@@ -1,54 +1,43 @@
-"""The learner's held-out split (whole GRPO prompt groups, so the safety check sees prompts it did not train on) and
-the replay window's refresh."""
-
-from dataclasses import replace
+"""The learner's replay window (the last few steps' sequences) and its minibatches: right-padded, weighted by the
+trajectory weight where the loss mask is set."""
 
 import torch
 
-from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, split_held_out
+from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, collate
+
+HIDDEN = 3
 
 
-def _sequence(prompt: list[int], response: list[int]) -> SequenceFeatures:
+def _sequence(prompt: list[int], response: list[int], weight: float = 1.0) -> SequenceFeatures:
     ids = torch.tensor(prompt + response)
-    loss_mask = torch.cat([torch.zeros(len(prompt)), torch.ones(len(response))])
-    return SequenceFeatures(token_ids=ids, loss_mask=loss_mask, aux_hidden_states=torch.zeros(len(ids), 2),
-                            target_probs=torch.zeros(len(ids), 1), target_ids=torch.zeros(len(ids), 1, dtype=torch.long),
-                            weight=1.0)
+    n = len(ids)
+    return SequenceFeatures(token_ids=ids, loss_mask=torch.cat([torch.zeros(len(prompt)), torch.ones(len(response))]),
+                            input_embeds=torch.randn(n, HIDDEN), aux_hidden_states=torch.randn(n, 2 * HIDDEN),
+                            target_probs=torch.ones(n, 1), target_ids=torch.zeros(n, 1, dtype=torch.long),
+                            weight=weight)
 
 
-def test_whole_prompt_groups_are_held_out():
-    # 4 prompts x 4 responses, interleaved as a batch may order them; prompts share their first token.
-    prompts = [[1, 2], [1, 3], [1, 2, 2], [4]]
-    sequences = [_sequence(prompts[i % 4], [10 + i, 11]) for i in range(16)]
-    held_out, training = split_held_out(sequences, fraction=0.125)
-    assert len(held_out) == 4 and len(training) == 12  # one group of the four (at least one)
-    assert {s.prompt_key() for s in held_out} == {(1, 2)}
-    assert (1, 2) not in {s.prompt_key() for s in training}
-
-    many = [_sequence([p], [p, p]) for p in range(32) for _ in range(2)]  # 32 prompts x 2
-    held_out, training = split_held_out(many, fraction=0.125)
-    assert sorted({s.prompt_key() for s in held_out}) == [(0,), (8,), (16,), (24,)]
-    assert len(training) == 56
-
-
-def test_a_single_prompt_is_split_per_sequence():
-    sequences = [_sequence([7, 7], [i]) for i in range(8)]
-    held_out, training = split_held_out(sequences, fraction=0.25)
-    assert [int(s.token_ids[-1]) for s in held_out] == [0, 4]
-    assert len(training) == 6
-
-
-def test_refresh_recomputes_the_whole_window_in_one_call_and_keeps_its_steps():
+def test_the_window_keeps_the_last_steps():
     buffer = ReplayBuffer(replay_steps=2)
     for step in range(3):  # the first step falls out of the window
         buffer.add_step([_sequence([step], [step, i]) for i in range(step + 1)])
-    calls = []
+    assert [[int(s.token_ids[0]) for s in step] for step in buffer.steps] == [[1, 1], [2, 2, 2]]
+    assert buffer.summary() == {"steps": 2, "sequences": 5, "tokens": 10, "weight_mean": 1.0}
 
-    def recompute(sequences):
-        calls.append(len(sequences))
-        return [replace(s, weight=s.weight + 1) for s in sequences]
 
-    buffer.refresh(recompute)
-    assert calls == [5]
-    assert [[s.prompt_key() for s in step] for step in buffer.steps] == [[(1,)] * 2, [(2,)] * 3]
-    assert all(s.weight == 2.0 for s in buffer.sequences)
+def test_sampling_draws_distinct_sequences_and_all_when_fewer():
+    buffer = ReplayBuffer(replay_steps=1)
+    buffer.add_step([_sequence([0], [i]) for i in range(6)])
+    drawn = buffer.sample(4, torch.Generator().manual_seed(0))
+    assert len({int(s.token_ids[1]) for s in drawn}) == 4
+    assert len(buffer.sample(10, torch.Generator().manual_seed(0))) == 6
+
+
+def test_collate_pads_right_and_weighs_the_loss_mask():
+    short, long = _sequence([1], [2], weight=0.5), _sequence([1, 1], [2, 2, 2], weight=2.0)
+    batch = collate([short, long])
+    assert batch.input_ids.tolist() == [[1, 2, 0, 0, 0], [1, 1, 2, 2, 2]]
+    assert batch.token_weights.tolist() == [[0, 0.5, 0, 0, 0], [0, 0, 2, 2, 2]]
+    assert batch.loss_mask.tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+    assert torch.equal(batch.input_embeds[0, :2], short.input_embeds) and not batch.input_embeds[0, 2:].any()
+    assert batch.aux_hidden_states.shape == (2, 5, 2 * HIDDEN) and batch.num_sequences == 2

@@ -11,7 +11,7 @@ from respec_plugin.core.drafter.eagle3 import Eagle3Config, init_from_actor
 from respec_plugin.core.drafter.warmup import TargetFeatures, warmup_loss
 from respec_plugin.core.learner.buffer import Minibatch
 from respec_plugin.core.learner.losses import topk_target
-from respec_plugin.core.learner.objective import kd_loss, kd_loss_by_step
+from respec_plugin.core.learner.objective import kd_loss, kd_loss_by_step, step_weight_totals
 
 TARGET_VOCAB, DRAFT_VOCAB, HIDDEN, LENGTH = 40, 20, 32, 14
 
@@ -23,11 +23,12 @@ def case():
     config = Eagle3Config(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
                           head_dim=16, vocab_size=TARGET_VOCAB, draft_vocab_size=DRAFT_VOCAB,
                           eagle_aux_hidden_state_layer_ids=(0, 1))
+    embedding = torch.randn(TARGET_VOCAB, HIDDEN, generator=generator)
     drafter = init_from_actor(config, torch.randn(TARGET_VOCAB, HIDDEN, generator=generator),
-                              torch.randn(TARGET_VOCAB, HIDDEN, generator=generator),
                               torch.arange(1, TARGET_VOCAB, 2), seed=1)
     input_ids = torch.randint(TARGET_VOCAB, (3, LENGTH), generator=generator)
-    features = TargetFeatures(torch.randn(3, LENGTH, 2 * HIDDEN, generator=generator),
+    features = TargetFeatures(F.embedding(input_ids, embedding),
+                              torch.randn(3, LENGTH, 2 * HIDDEN, generator=generator),
                               (2 * torch.randn(3, LENGTH, DRAFT_VOCAB, generator=generator)).log_softmax(-1))
     response_mask = torch.zeros(3, LENGTH, dtype=torch.bool)
     response_mask[:, 5:] = True
@@ -40,8 +41,9 @@ def _full_vocabulary_forward_kl(drafter, input_ids, features, response_mask, num
     actor's full log-probs at t + j + 1, weighted by the response mask at t + j + 2, for the anchors from two before
     the first response token on; and its per-step metrics."""
     first_anchor = int(response_mask.any(0).nonzero()[0]) - 2
-    teacher_ids = [F.pad(input_ids[:, j + 1 :], (0, j + 1)) for j in range(1, num_draft_steps)]
-    steps = drafter.unroll(input_ids, features.aux_hidden_states, num_draft_steps, step_input_ids=teacher_ids)
+    teacher = [F.pad(features.input_embeds[:, j + 1 :], (0, 0, 0, j + 1)) for j in range(1, num_draft_steps)]
+    steps = drafter.unroll(features.input_embeds, features.aux_hidden_states, num_draft_steps,
+                           step_input_embeds=teacher)
     loss, metrics = torch.zeros(()), []
     for j, logits in enumerate(steps.logits):
         p_log = F.pad(features.draft_logprobs[:, j + 1 :], (0, 0, 0, j + 1))
@@ -72,7 +74,7 @@ def test_full_vocabulary_target_gives_the_former_forward_kl(case, num_draft_step
     for grad, parameter in zip(expected_grads, drafter.parameters()):
         torch.testing.assert_close(parameter.grad, grad, rtol=1e-4, atol=1e-5)
     assert len(by_step) == num_draft_steps
-    for step, old in zip(by_step, expected):
+    for step, old in zip((step.means() for step in by_step), expected):
         assert step["divergence"] == pytest.approx(old["kl"], rel=1e-5)
         assert step["greedy_acceptance"] == pytest.approx(old["greedy_draft_accepted"], rel=1e-5)
         assert 1 - step["tv"] == pytest.approx(old["sampled_draft_accepted"], rel=1e-4)
@@ -82,11 +84,12 @@ def test_full_vocabulary_target_gives_the_former_forward_kl(case, num_draft_step
 def test_kd_loss_reports_the_per_step_statistics_averaged(case):
     drafter, input_ids, features, response_mask = case
     mask = response_mask.float()
-    batch = Minibatch(input_ids, features.aux_hidden_states, topk_target(features.draft_logprobs, 4), mask,
-                      mask * torch.tensor([[1.0], [0.0], [0.5]]))
+    batch = Minibatch(input_ids, features.input_embeds, features.aux_hidden_states,
+                      topk_target(features.draft_logprobs, 4), mask, mask * torch.tensor([[1.0], [0.0], [0.5]]))
     options = dict(divergence="forward_kl", negative_feedback_coef=0.5, num_draft_steps=3)
     loss, stats = kd_loss(drafter, batch, **options)
     by_step_loss, by_step = kd_loss_by_step(drafter, batch, **options)
+    by_step = [step.means() for step in by_step]
     assert torch.equal(loss, by_step_loss)
     assert set(stats) == {"divergence", "tv", "greedy_acceptance", "greedy_acceptance_ceiling", "negative_feedback"}
     for name, value in stats.items():
@@ -100,3 +103,25 @@ def test_a_minibatch_without_drafted_tokens_is_a_value_error(case):
     with pytest.raises(ValueError, match="loss_mask is all zero") as raised:
         warmup_loss(drafter, input_ids, features, torch.zeros_like(response_mask), num_draft_steps=2)
     assert not isinstance(raised.value, ReSpecConfigError)
+
+
+def test_a_row_counts_the_same_whatever_rows_share_its_batch(case):
+    """Each row's anchors start from its own first learned token, and the means can take summed totals: two halves
+    of a batch, with their weight totals added, give the loss of the whole batch (what data-parallel ranks do)."""
+    drafter, input_ids, features, response_mask = case
+    response_mask[0, 5:8] = False  # rows now start learning at different positions
+    mask = response_mask.float()
+    weights = mask * torch.tensor([[1.0], [0.3], [0.5]])
+    target = topk_target(features.draft_logprobs, 4)
+
+    def rows(index):
+        return Minibatch(input_ids[index], features.input_embeds[index], features.aux_hidden_states[index],
+                         target.map(lambda x: x[index]), mask[index], weights[index])
+
+    options = dict(divergence="tv", negative_feedback_coef=0.2, num_draft_steps=3)
+    whole, _ = kd_loss_by_step(drafter, rows(slice(0, 3)), **options)
+    first, second = rows(slice(0, 1)), rows(slice(1, 3))
+    totals = step_weight_totals(first, 3) + step_weight_totals(second, 3)
+    torch.testing.assert_close(step_weight_totals(rows(slice(0, 3)), 3), totals)
+    halves = sum(kd_loss_by_step(drafter, half, weight_totals=totals, **options)[0] for half in (first, second))
+    torch.testing.assert_close(halves, whole)

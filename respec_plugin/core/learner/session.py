@@ -1,0 +1,138 @@
+"""One rank's learner across RL steps: the features it kept from the actor's forward, the candidate drafter trained
+on them, its publication to the co-located engine, and its state in checkpoints.
+
+It runs inside each actor rank (respec_plugin/integrations/verl/learner_worker.py calls it); every rank holds the same
+drafter (data-parallel), so each can push it to the vLLM worker on its own device. A version serves only when every
+rank's engine took it: otherwise every engine is put back on the serving version, so no two replicas ever serve
+different drafters. Nothing here raises into the RL step: a failure is logged, counted and the serving drafter
+stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from respec_plugin.core.learner.buffer import SequenceFeatures
+from respec_plugin.core.learner.loop import METRIC_PREFIX, Candidate, OnlineLearner
+
+logger = logging.getLogger(__name__)
+
+class DrafterPusher(Protocol):
+    """Loads drafter weights into this rank's co-located engine, all or nothing (verl: respec's server adapter)."""
+
+    async def push_drafter(self, weights: list[tuple[str, torch.Tensor]], version: int) -> str | None:
+        """None when the engine serves ``version`` now, else why it refused it (it then keeps the old one)."""
+
+
+class LearnerSession:
+    """The learner of one actor rank: :meth:`add_captured` during the old-log-prob forward, :meth:`train` after the
+    actor update, :meth:`publish` in the weight sync, :meth:`status` for the step's metrics."""
+
+    def __init__(self, learner: OnlineLearner, *, record_dir: str | None = None, rank: int = 0):
+        self.learner = learner
+        self.record_dir = Path(record_dir) if record_dir else None
+        self.rank = rank
+        # The version this rank's engine serves: the drafter_path checkpoint is loaded at start-up as the learner's
+        # initial version.
+        self.engine_version = learner.serving_version
+        self._captured: list[SequenceFeatures] = []
+        self._capture_failed = False
+        self._pending: Candidate | None = None
+        self._metrics: dict[str, float] = {}
+        self._publish_s = 0.0
+
+    # ----- the step's features ------------------------------------------------------------------------------
+
+    def begin_capture(self) -> None:
+        """A new old-log-prob forward: its rows replace what was kept before."""
+        self._captured, self._capture_failed = [], False
+
+    def capture_failed(self) -> None:
+        self._capture_failed = True
+
+    def add_captured(self, sequences: list[SequenceFeatures]) -> None:
+        self._captured.extend(sequences)
+
+    # ----- training -----------------------------------------------------------------------------------------
+
+    def train(self, row_weights: Mapping[int, float], step: int) -> dict[str, float]:
+        """Train a candidate on the kept rows with the driver's trajectory weights; returns its metrics."""
+        start = time.perf_counter()
+        self._pending = None
+        try:
+            if self._capture_failed:
+                raise RuntimeError("this step's features could not be captured")
+            sequences = [dataclasses.replace(s, weight=float(row_weights[s.row])) for s in self._captured]
+            if self.record_dir is not None:
+                self._record(step, sequences)
+            candidate = self.learner.train_candidate(sequences)
+        except Exception as e:  # noqa: BLE001 -- a learner failure must leave the RL step and the serving drafter alone
+            logger.exception("respec learner: no candidate this step; drafter v%d keeps serving",
+                             self.learner.serving_version)
+            candidate = self.learner.failed_candidate(e)
+        finally:
+            self._captured = []
+        self._pending = candidate
+        metrics = self.learner.candidate_metrics(candidate)
+        metrics[METRIC_PREFIX + "train_s"] = time.perf_counter() - start
+        metrics[METRIC_PREFIX + "tokens"] = float(candidate.tokens)
+        return metrics
+
+    def _record(self, step: int, sequences: list[SequenceFeatures]) -> None:
+        """``learner.record_dir``: this rank's features of the step, for offline learner comparisons."""
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        torch.save([dataclasses.asdict(s) for s in sequences],
+                   self.record_dir / f"step_{step:04d}_rank{self.rank}.pt")
+
+    # ----- publication --------------------------------------------------------------------------------------
+
+    async def publish(self, pusher: DrafterPusher, *, resync: bool) -> None:
+        """In the weight sync: publish the pending candidate if it passed its checks, and (``resync``: the engine
+        slept and lost its drafter; or the engine serves another version) push the serving drafter again."""
+        start = time.perf_counter()
+        candidate, self._pending = self._pending, None
+        try:
+            version = self.learner.next_version(candidate) if candidate is not None else None
+            refused = None
+            if version is not None:
+                refused = await pusher.push_drafter(self.learner.candidate_weights(), version)
+                refused = self.learner.agree(refused)
+            if candidate is not None:
+                self._metrics = self.learner.settle(candidate, refused)
+            if version is not None and refused is None:
+                self.engine_version = version
+            elif resync or refused is not None or self.engine_version != self.learner.serving_version:
+                await self._push_serving(pusher)
+        except Exception:  # noqa: BLE001 -- the engine keeps whatever it served; the next sync tries again
+            logger.exception("respec learner: drafter publication failed; the engine keeps its drafter")
+            self.engine_version = -1
+        self._publish_s = time.perf_counter() - start
+
+    async def _push_serving(self, pusher: DrafterPusher) -> None:
+        version = self.learner.serving_version
+        refused = self.learner.agree(await pusher.push_drafter(self.learner.serving_weights(), version))
+        self.engine_version = version if refused is None else -1
+        if refused is not None:
+            logger.error("respec learner: the engine refused the serving drafter v%d: %s", version, refused)
+
+    def status(self) -> dict[str, float]:
+        """The last publication's ``respec/learner/*`` metrics (counters, versions, push time)."""
+        return {**self._metrics, METRIC_PREFIX + "publish_s": self._publish_s,
+                METRIC_PREFIX + "engine_version": float(self.engine_version)}
+
+    # ----- checkpoint ---------------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """The learner (serving drafter, optimizer, counters) and a candidate trained but not yet published, which
+        a resumed run publishes at its first weight sync."""
+        self.learner.save(directory, self._pending)
+
+    def restore(self, directory: Path) -> None:
+        self._pending = self.learner.load(directory)
