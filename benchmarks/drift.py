@@ -20,8 +20,7 @@ import common
 from respec_lab.build import build_lab
 from respec_lab.launch import respec_overrides
 
-RUNS = ("static", "online_kd", "online_rwkd", "online_kd_refresh", "online_kd_overlap", "online_rwkd_floor", "day0",
-        "vllm")
+RUNS = ("static", "online_kd", "online_rwkd", "online_rwkd_floor", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -30,10 +29,6 @@ def learner_runs(args) -> dict[str, dict]:
     return {
         "online_kd": {"reward_weighting": "uniform"},
         "online_rwkd": {"reward_weighting": "reward"},  # ReSpec's w(r) = r: failed rollouts drop out
-        # Replayed steps re-featured with the current actor.
-        "online_kd_refresh": {"reward_weighting": "uniform", "refresh_replay": True},
-        # Trained during the actor update, on the actor that generated the step (learner.overlap).
-        "online_kd_overlap": {"reward_weighting": "uniform", "overlap": True},
         # Failed rollouts keep a weight instead of dropping out.
         "online_rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
         "day0": {"reward_weighting": args.day0_weighting},
@@ -48,7 +43,7 @@ def overrides(lab, name: str, args) -> list[str]:
     arm = learner_runs(args).get(name)
     learner = {} if arm is None else {
         "learner": {"enable": True, "steps_per_rl_step": args.learner_steps, "learning_rate": args.learner_lr,
-                    "replay_steps": args.learner_replay_steps, "refresh_replay": False, "weight_floor": 0.0,
+                    "replay_steps": args.learner_replay_steps, "weight_floor": 0.0,
                     "compare_with_initial": True, **arm}
     }
     return respec_overrides(drafter_path=drafter, num_speculative_tokens=args.num_speculative_tokens, **learner)
@@ -79,7 +74,8 @@ def run(lab, name: str, args, extra_respec: tuple[str, ...] = (), experiment: st
         "accept_length": series("respec/accept_length"),
         "reward": series("critic/score/mean"),
         "step_s": series("timing_s/step"),
-        "learner_time_s": series("respec/learner/time_s"),
+        "learner_train_s": series("respec/learner/train_s"),
+        "learner_publish_s": series("respec/learner/publish_s"),
         "learner_blocking_s": series("respec/learner/blocking_s"),
         "learner_tv": series("respec/learner/tv"),
         "published_version": series("respec/learner/published_version"),
@@ -98,6 +94,9 @@ def summarise(name: str, r: dict) -> dict:
         last_10 = statistics.fmean(accept[-10:])
         out.update(accept_length_step_1=accept[0], accept_length_last=accept[-1], accept_length_mean_last_10=last_10,
                    last_10_over_step_1=last_10 / accept[0], min_over_step_1=min(accept) / accept[0])
+        steps_21_30 = [a for step, a in zip(r["steps"], accept) if 21 <= step <= 30 and a is not None]
+        if steps_21_30:
+            out["accept_length_ratio_21_30"] = statistics.fmean(steps_21_30) / accept[0]
     if r.get("held_out_acceptance_initial") and r["held_out_acceptance_initial"][0] is not None:
         # Paired, on the same held-out prompts of the same run: the serving drafter vs the one the run started from.
         out["held_out_acceptance_mean_last_10"] = statistics.fmean(r["held_out_acceptance"][-10:])
@@ -109,8 +108,8 @@ def summarise(name: str, r: dict) -> dict:
         out["held_out_acceptance_first_3"] = statistics.fmean(r["held_out_acceptance"][:3])
         out["held_out_acceptance_initial_first_3"] = statistics.fmean(r["held_out_acceptance_initial"][:3])
     out["step_s_mean"] = statistics.fmean(r["step_s"][1:])  # step 1 includes warm-up
-    # The learner's whole cost, and the part of it the RL step waited for (less when it overlaps the actor update).
-    for key, fraction in (("learner_time_s", "learner_time_fraction_of_step"),
+    # The learner's training time on the actor ranks, and the part of the RL step the driver waited for it.
+    for key, fraction in (("learner_train_s", "learner_train_fraction_of_step"),
                           ("learner_blocking_s", "learner_blocking_fraction_of_step")):
         if (r.get(key) or [None])[0] is not None:
             out[fraction] = statistics.fmean(t / s for t, s in zip(r[key], r["step_s"]) if t is not None)

@@ -1,13 +1,14 @@
-"""Learner variants compared on one recorded sequence of actors (counterfactual replay), without run-to-run spread.
+"""Learner variants compared on one recorded run (counterfactual replay), without run-to-run spread.
 
 In the drift benchmark every run's actor drifts differently (drafts change which random draws sampling uses), so a
-single run per variant cannot tell learner variants apart. This benchmark records one GRPO run's actors and
-trajectories once (``learner.record_dir``, the ``online_kd`` run of benchmarks/drift.py), then replays every learner
-variant over exactly that sequence: after step t it learns from step t's trajectories under step t's updated actor,
-as in the trainer; the drafter it then serves is scored on step t + 1's trajectories under the actor that generated
-and verified them (the greedy-draft acceptance per draft position that ``respec/learner/held_out_acceptance``
-reports). ``static`` never learns. The recorded actors do not depend on the recording run's learner: speculative
-sampling is lossless, so any learner variant would have produced the same distribution of actor sequences.
+single run per variant cannot tell learner variants apart. This benchmark records one GRPO run once
+(``learner.record_dir``, the ``online_kd`` run of benchmarks/drift.py: per step the features the actor ranks kept in
+verl's old-log-prob forward, i.e. under the actor that generated and verifies that step, plus the rows' rewards), then
+replays every learner variant over exactly that sequence: after step t it learns from step t's features, as the
+co-located learner does; the drafter it then serves is scored on step t + 1's features (the greedy-draft acceptance
+per draft position that ``respec/learner/held_out_acceptance`` reports). ``static`` never learns. The recorded actors
+do not depend on the recording run's learner: speculative sampling is lossless, so any learner variant would have
+produced the same distribution of actor sequences.
 
     python benchmarks/learner_replay.py [--record-dir DIR] [--variants static,kd,...] [drift.py's run options]
 
@@ -28,16 +29,15 @@ import torch
 
 import common
 import drift
-from respec_plugin.core.config import LearnerConfig
-from respec_plugin.core.drafter.io import load_drafter
 from respec_lab.build import build_lab
 from respec_lab.launch import respec_overrides
-from respec_plugin.core.learner.buffer import collate
-from respec_plugin.integrations.verl.learner_features import ActorMirror, read_step, refreshed_features, step_features
+from respec_plugin.core.config import LearnerConfig
+from respec_plugin.core.drafter.io import load_drafter
+from respec_plugin.core.learner.buffer import SequenceFeatures, collate
 from respec_plugin.core.learner.loop import OnlineLearner
 from respec_plugin.core.learner.losses import trajectory_weights
 from respec_plugin.core.learner.objective import held_out_scores
-from respec_plugin.integrations.verl.hotswap import PublishReport
+from respec_plugin.integrations.verl.learner_driver import REWARDS_FILE
 
 RECORDED_RUN = "online_kd"
 
@@ -47,10 +47,7 @@ def variants(args) -> dict[str, dict | None]:
     return {
         "static": None,
         "kd": {"reward_weighting": "uniform"},
-        "kd_8_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 8},  # the drift benchmark's earlier budget
-        "kd_refresh": {"reward_weighting": "uniform", "refresh_replay": True},
-        # Overlapped mode: learns from the step's trajectories under the actor that generated them (one update behind).
-        "kd_overlap": {"reward_weighting": "uniform", "overlap": True},
+        "kd_8_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 8},  # a smaller budget per RL step
         "rwkd": {"reward_weighting": "reward", "weight_floor": 0.0},
         "rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
     }
@@ -59,91 +56,59 @@ def variants(args) -> dict[str, dict | None]:
 def base_config(args) -> dict:
     """The learner block every drift learner run shares (benchmarks/drift.py ``overrides``)."""
     return {"enable": True, "steps_per_rl_step": args.learner_steps, "learning_rate": args.learner_lr,
-            "replay_steps": args.learner_replay_steps, "refresh_replay": False, "weight_floor": 0.0}
+            "replay_steps": args.learner_replay_steps, "weight_floor": 0.0}
 
 
 def record(lab, args, record_dir: Path) -> None:
-    """One GRPO run (drift's ``online_kd``) that writes every step's actor and trajectories to ``record_dir``."""
+    """One GRPO run (drift's ``online_kd``) that writes every step's kept features to ``record_dir``."""
     extra = respec_overrides(learner={"record_dir": str(record_dir)})
     result = drift.run(lab, RECORDED_RUN, args, extra_respec=tuple(extra), experiment="bench_learner_replay")
     logging.info("recorded %d steps into %s", len(result["steps"]), record_dir)
 
 
 class RecordedSteps:
-    """The recorded steps, each with two sets of features: under the actor that generated and verified its rollout
-    (the previous step's updated actor; the lab's actor for the first step), to score the drafter that served it;
-    and under the step's updated actor, which the learner distills after the step, as in the trainer."""
+    """The recorded steps: each one's features (rank 0's: the lab runs one actor rank) and its rows' rewards and
+    advantages."""
 
-    def __init__(self, lab, record_dir: Path, top_k: int):
-        self.paths = sorted(record_dir.glob("step_*.pt"))
-        if len(self.paths) < 2:
-            raise SystemExit(f"{record_dir} holds {len(self.paths)} recorded steps; record a run first "
+    def __init__(self, record_dir: Path):
+        paths = sorted(record_dir.glob("step_*_rank0.pt"))
+        if len(paths) < 2:
+            raise SystemExit(f"{record_dir} holds {len(paths)} recorded steps; record a run first "
                              "(leave out --skip-record)")
-        self.actor = ActorMirror(lab.actor_dir)  # the lab's actor: the one that generated the first rollout
-        reference, _ = load_drafter(lab.drafter_dir, self.actor.model.get_input_embeddings().weight)
-        self.steps, self.trajectories = [], []
-        self.rollout_features, self.rollout_embeddings, self.features, self.embeddings = [], [], [], []
+        self.steps = [int(path.name.split("_")[1]) for path in paths]
+        self.features = [[SequenceFeatures(**row) for row in torch.load(path, weights_only=True)] for path in paths]
+        self.rewards = [json.loads((record_dir / REWARDS_FILE.format(step=step)).read_text()) for step in self.steps]
 
-        def features(trajectories):  # depend on the drafter only through its draft vocabulary and layer ids
-            return step_features(self.actor.model, reference, trajectories, top_k=top_k, reward_weighting="uniform",
-                                 weight_floor=0.0)
-
-        def embedding():
-            return self.actor.model.get_input_embeddings().weight.detach().clone()
-
-        for path in self.paths:
-            step, actor_state, trajectories = read_step(path)
-            self.steps.append(step)
-            self.trajectories.append(trajectories)
-            self.rollout_features.append(features(trajectories))
-            self.rollout_embeddings.append(embedding())
-            self.actor.load(actor_state)
-            self.features.append(features(trajectories))
-            self.embeddings.append(embedding())
-
-    def weighted(self, index: int, config: LearnerConfig) -> list:
-        """Step ``index``'s features the learner distills (overlapped mode: under the actor that generated them, as
-        it learns during the actor update), with the variant's trajectory weights."""
-        t = self.trajectories[index]
-        weights = trajectory_weights(t.rewards, t.advantages, config.reward_weighting, config.weight_floor)
-        features = self.rollout_features[index] if config.overlap else self.features[index]
-        return [replace(s, weight=float(w)) for s, w in zip(features, weights)]
-
-    def load_actor(self, index: int):
-        self.actor.load(read_step(self.paths[index])[1])
-        return self.actor.model
-
-
-def _accept_all(weights, version: int) -> PublishReport:
-    return PublishReport(version, accepted=1, rejected=0, errors=(), serving_versions=(version,))
+    def weighted(self, index: int, config: LearnerConfig) -> list[SequenceFeatures]:
+        """Step ``index``'s features with the variant's trajectory weights."""
+        sequences = self.features[index]
+        by_row = self.rewards[index]
+        rewards = torch.tensor([by_row[str(s.row)]["reward"] for s in sequences])
+        advantages = torch.tensor([by_row[str(s.row)]["advantage"] for s in sequences])
+        weights = trajectory_weights(rewards, advantages, config.reward_weighting, config.weight_floor)
+        return [replace(s, weight=float(w)) for s, w in zip(sequences, weights)]
 
 
 def replay(lab, recorded: RecordedSteps, overrides: dict | None, args) -> dict:
     """Served drafter's acceptance at every recorded step (the first: the drafter the run started from)."""
-    drafter, version = load_drafter(lab.drafter_dir, recorded.rollout_embeddings[0])
+    drafter, version = load_drafter(lab.drafter_dir)
     config = LearnerConfig(**{**base_config(args), **overrides}) if overrides is not None else None
     learner = OnlineLearner(config, drafter, version, seed=args.seed) if config else None
-    acceptance, ceiling, rejected, learner_s = [], [], [], []
+    acceptance, ceiling, learner_s = [], [], []
     for index in range(len(recorded.steps)):
-        # As in vLLM, a drafter shares the embedding of the actor that verifies its drafts.
-        (learner or drafter).set_embed_tokens(recorded.rollout_embeddings[index])
         serving = learner.serving if learner else drafter
-        scores = held_out_scores(serving, collate(recorded.rollout_features[index]), args.num_speculative_tokens)
+        scores = held_out_scores(serving, collate(recorded.features[index]), args.num_speculative_tokens)
         acceptance.append(scores["greedy_acceptance"])
         ceiling.append(scores["greedy_acceptance_ceiling"])
         if learner is None:
             continue
         start = time.perf_counter()
-        if not config.overlap:  # as the trainer hook: the updated actor's (overlapped: the generating one's, set above)
-            learner.set_embed_tokens(recorded.embeddings[index])
-        if config.refresh_replay:
-            actor = recorded.load_actor(index)
-            learner.refresh_targets(lambda seqs: refreshed_features(actor, learner.drafter, seqs, top_k=config.top_k))
-        metrics = learner.step(recorded.weighted(index, config), _accept_all)
+        candidate = learner.train_candidate(recorded.weighted(index, config))
+        learner.next_version(candidate)
+        learner.settle(candidate, None)
         learner_s.append(time.perf_counter() - start)
-        rejected.append(metrics["respec/learner/rejected_versions"])
     return {"steps": recorded.steps, "acceptance": acceptance, "ceiling": ceiling, "overrides": overrides,
-            "rejected_versions": rejected[-1] if rejected else None,
+            "rejected_versions": learner.rejected_versions if learner else None,
             "learner_s_mean": statistics.fmean(learner_s) if learner_s else None}
 
 
@@ -175,7 +140,7 @@ def main() -> None:
     parser = drift.arguments(__doc__)
     parser.add_argument("--record-dir", default=str(common.OUTPUTS / "learner_replay" / "record"))
     parser.add_argument("--skip-record", action="store_true", help="replay the steps already in --record-dir")
-    parser.add_argument("--variants", default="static,kd,kd_8_steps,kd_refresh,kd_overlap,rwkd,rwkd_floor")
+    parser.add_argument("--variants", default="static,kd,kd_8_steps,rwkd,rwkd_floor")
     parser.set_defaults(name="learner_replay")
     args = parser.parse_args()
     common.setup_logging()
@@ -185,10 +150,10 @@ def main() -> None:
     lab = build_lab(args.preset)
     record_dir = Path(args.record_dir)
     if not args.skip_record:
-        for stale in record_dir.glob("step_*.pt"):
+        for stale in record_dir.glob("step_*"):
             stale.unlink()
         record(lab, args, record_dir)
-    recorded = RecordedSteps(lab, record_dir, top_k=LearnerConfig().top_k)
+    recorded = RecordedSteps(record_dir)
     report = {"preset": args.preset, "config": vars(args), "variants": {}, "summary": {}}
     for name in names:
         report["variants"][name] = replay(lab, recorded, table[name], args)

@@ -6,10 +6,12 @@ metrics, and counts the bytes it receives (``respec/learner/driver_received_byte
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,8 @@ from respec_plugin.integrations.verl.trainer_view import TrainerView
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "respec/learner/"
+# ``learner.record_dir``: beside the actor ranks' features of each step, the kept rows' rewards and advantages.
+REWARDS_FILE = "step_{step:04d}_rewards.json"
 
 
 def check_supported(config) -> None:
@@ -120,6 +124,11 @@ class LearnerDriver:
         advantages = torch.tensor([float(row.float()[0]) if row.numel() else 0.0 for row in data["advantages"].unbind()])
         weights = trajectory_weights(rewards, advantages, self.config.reward_weighting, self.config.weight_floor)
         row_weights = {self._selected[key]: float(w) for key, w in zip(keys, weights)}
+        if self.config.record_dir:
+            path = Path(self.config.record_dir) / REWARDS_FILE.format(step=self.trainer.global_step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({self._selected[key]: {"reward": float(r), "advantage": float(a)}
+                                        for key, r, a in zip(keys, rewards, advantages)}))
         results = self.trainer.actor_worker_group.respec_train_drafter(row_weights=row_weights,
                                                                          step=self.trainer.global_step)
         self._received_bytes = _received(results)
