@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 
-def read_drafter_tensors(path: str) -> list[tuple[str, torch.Tensor]]:
-    """All tensors of the ``*.safetensors`` files in ``path``, names as saved (vLLM maps them itself)."""
+def read_drafter_tensors(path: str | os.PathLike) -> list[tuple[str, torch.Tensor]]:
+    """All tensors of the ``*.safetensors`` files in ``path`` (else of its ``pytorch_model*.bin`` files, the EAGLE
+    authors' format), names as saved (vLLM maps them itself)."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in drafter checkpoint {path!r}")
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for file in files:
-        tensors.extend(load_file(file).items())
-    return tensors
+    pickles = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files and not pickles:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin in drafter checkpoint {str(path)!r}")
+    if files:
+        return [item for file in files for item in load_file(file).items()]
+    return [item for file in pickles for item in torch.load(file, map_location="cpu", weights_only=True).items()]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from respec_plugin.core.config import ReSpecConfigError
+from respec_plugin.core.drafter.formats import MIDLAYER_PREFIX, DrafterFormat
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Eagle3Config:
     ``eagle_aux_hidden_state_layer_ids`` are vLLM's indices: id i is the residual stream entering target layer
     i, which is HF's ``hidden_states[i]``; they must be ascending because vLLM concatenates them in layer order.
     ``vocab_size`` is the target's; the head scores only ``draft_vocab_size`` tokens (``draft_token_ids``).
+    ``norm_before_residual`` is vLLM's flag of the same name: the layer's residual is the normed target feature
+    (``hidden_norm(fc(...))``) rather than the raw one (as some ``speculators`` heads are trained).
     A bad shape raises :class:`ReSpecConfigError`: the values come from a checkpoint's config.json or a user's actor.
     """
 
@@ -46,6 +49,7 @@ class Eagle3Config:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
+    norm_before_residual: bool = False
 
     def __post_init__(self):
         ids = tuple(self.eagle_aux_hidden_state_layer_ids)
@@ -193,11 +197,14 @@ class Eagle3Drafter(nn.Module):
 
     The token embedding is the target's (vLLM shares it when the checkpoint has none), so the head holds none:
     :meth:`unroll` takes the target's embedding outputs, which the learner captures in the actor's own forward.
+    ``format`` is the checkpoint format it was loaded from, which names its weights (:func:`vllm_weights`) and
+    which it is saved in.
     """
 
-    def __init__(self, config: Eagle3Config, draft_token_ids: torch.Tensor):
+    def __init__(self, config: Eagle3Config, draft_token_ids: torch.Tensor, format: DrafterFormat | None = None):
         super().__init__()
         self.config = config
+        self.format = format or DrafterFormat()
         self.fc = nn.Linear(config.num_aux_hidden_states * config.hidden_size, config.hidden_size, bias=False)
         self.midlayer = Eagle3Midlayer(config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -256,7 +263,10 @@ class Eagle3Drafter(nn.Module):
         positions = torch.arange(length, device=input_embeds.device).expand(batch, length)
         next_embeds = torch.cat([input_embeds[:, 1:], input_embeds.new_zeros(batch, 1, input_embeds.shape[-1])], dim=1)
         hidden = self.combine_hidden_states(aux_hidden_states.to(dtype))
-        x = torch.cat([layer.input_layernorm(next_embeds.to(dtype)), layer.hidden_norm(hidden)], -1)
+        normed = layer.hidden_norm(hidden)
+        x = torch.cat([layer.input_layernorm(next_embeds.to(dtype)), normed], -1)
+        if self.config.norm_before_residual:
+            hidden = normed
         q, context_k, context_v = layer.self_attn.project(x, positions)
         own_k: list[torch.Tensor] = []
         own_v: list[torch.Tensor] = []
@@ -270,8 +280,10 @@ class Eagle3Drafter(nn.Module):
                 else:
                     embeds = embed(self.draft_token_ids[out.logits[-1].argmax(-1)])
                 embeds = layer.input_layernorm(embeds.to(dtype))
-                q, k, v = layer.self_attn.project(torch.cat([embeds, layer.hidden_norm(hidden)], -1),
-                                                  anchor_positions + step)
+                normed = layer.hidden_norm(hidden)
+                q, k, v = layer.self_attn.project(torch.cat([embeds, normed], -1), anchor_positions + step)
+                if self.config.norm_before_residual:
+                    hidden = normed
                 own_k.append(k)
                 own_v.append(v)
             else:
@@ -299,10 +311,13 @@ class Eagle3Drafter(nn.Module):
 
 
 def vllm_weights(drafter: Eagle3Drafter) -> list[tuple[str, torch.Tensor]]:
-    """The drafter's weights named as vLLM's ``Eagle3LlamaForCausalLM.load_weights`` expects them (the
-    checkpoint names: ``midlayer.*``, ``fc.weight``, ``norm.weight``, ``lm_head.weight``, ``d2t``); no
-    ``embed_tokens``, so vLLM keeps sharing the target's. Used both to save and to push into a live engine."""
-    weights = [(name, tensor.detach()) for name, tensor in drafter.named_parameters()]
+    """The drafter's weights named as its checkpoint format names them, which vLLM's
+    ``Eagle3LlamaForCausalLM.load_weights`` maps (``midlayer.*``, or ``layers.0.*`` in the speculators format;
+    ``fc.weight``, ``norm.weight``, ``lm_head.weight``, ``d2t``); no ``embed_tokens``, so vLLM keeps sharing the
+    target's. Used both to save and to push into a live engine."""
+    prefix = drafter.format.layer_prefix
+    weights = [(prefix + name.removeprefix(MIDLAYER_PREFIX) if name.startswith(MIDLAYER_PREFIX) else name,
+                tensor.detach()) for name, tensor in drafter.named_parameters()]
     weights.append(("d2t", drafter.d2t))
     return weights
 
