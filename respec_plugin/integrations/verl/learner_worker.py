@@ -54,9 +54,12 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
             return
         respec = ReSpecConfig.from_rollout_config(self.config.rollout)
         device = torch.device("cpu") if get_device_name() == "cpu" else torch.device(get_device_name(), get_device_id())
-        drafter, version = load_drafter(respec.drafter_path)
+        # The actor's depth resolves vLLM's default aux layers for a drafter that sets none (e.g. the EAGLE authors').
+        actor_layers = self.actor.model_config.hf_config.num_hidden_layers
+        drafter, version = load_drafter(respec.drafter_path, actor_layers)
         drafter = drafter.to(device)
-        initial = load_drafter(respec.drafter_path)[0].to(device) if respec.learner.compare_with_initial else None
+        initial = (load_drafter(respec.drafter_path, actor_layers)[0].to(device) if respec.learner.compare_with_initial
+                   else None)
         # The learner's own collectives: a group of the actor's ranks, apart from the one the actor trains with.
         group = torch.distributed.new_group() if torch.distributed.get_world_size() > 1 else None
         rank = torch.distributed.get_rank()
