@@ -130,6 +130,9 @@ def grpo_command(
         "TRANSFORMERS_OFFLINE": "1",
         # Tokenizers in forked Ray workers would warn and disable parallelism anyway.
         "TOKENIZERS_PARALLELISM": "false",
+        # Ray gives every worker it starts OMP_NUM_THREADS=1 unless the variable is set: torch in verl's actor
+        # workers would then update the actor (and train the drafter) on one core of the machine.
+        "OMP_NUM_THREADS": str(os.cpu_count() or 1),
         # Every Ray actor's line reaches the log verbatim (no "[repeated Nx]" folding of metric lines).
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",

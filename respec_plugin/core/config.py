@@ -22,6 +22,7 @@ DrafterMethod = Literal["eagle3", "draft_model", "ngram"]
 TunerMode = Literal["off", "static", "adaptive"]
 Divergence = Literal["forward_kl", "tv"]
 RewardWeighting = Literal["reward", "advantage", "uniform"]
+LearnerPrecision = Literal["bfloat16", "float32"]
 # Methods whose drafter is a checkpoint on disk (ngram drafts from the context alone).
 CHECKPOINT_METHODS: tuple[DrafterMethod, ...] = ("eagle3", "draft_model")
 
@@ -100,10 +101,18 @@ class LearnerConfig:
     # actor that drifts every step (benchmarks/README.md, learner replay).
     steps_per_rl_step: int = 24
     max_time_s: float = 60.0
-    # Sequences per drafter step, AdamW learning rate, draft steps unrolled (training-time test).
+    # Sequences per drafter step (over all actor ranks), AdamW learning rate, draft steps unrolled (training-time
+    # test).
     batch_size: int = 16
     learning_rate: float = 1e-3
     num_draft_steps: int = 3
+    # Compute of the drafter's training steps: "bfloat16" (autocast, float32 weights and optimizer; float32 where the
+    # device has no fast bfloat16) or "float32". The held-out check always runs in float32.
+    precision: LearnerPrecision = "bfloat16"
+    # Train during the next rollout instead of after the actor update: the actor ranks are idle while vLLM
+    # generates, so the RL step does not wait for the learner (it waits only where training outlasts the rollout),
+    # at the cost of publishing each version one step later (the drafter distills the actor two updates behind).
+    overlap: bool = False
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
     replay_steps: int = 2
     # Tokens (prompt + response) of each step's trajectories the learner keeps, whole prompt groups chosen at random:
@@ -125,6 +134,7 @@ class LearnerConfig:
     def __post_init__(self):
         _check_choice("learner.divergence", self.divergence, Divergence)
         _check_choice("learner.reward_weighting", self.reward_weighting, RewardWeighting)
+        _check_choice("learner.precision", self.precision, LearnerPrecision)
         _check_number("learner.weight_floor", self.weight_floor, 0.0, 1.0, low_open=False, high_open=True,
                       fix="use a number in [0, 1).")
         _check_number("learner.negative_feedback", self.negative_feedback, 0.0, float("inf"), low_open=False,

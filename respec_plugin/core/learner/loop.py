@@ -16,10 +16,12 @@ version (each one also rolls back a push it cannot load).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class Candidate:
     sequences: int = 0
     tokens: int = 0
     loss: float | None = None
+    optimizer_steps: int = 0
     serving: dict[str, float] = field(default_factory=dict)  # held-out scores of the serving version
     scores: dict[str, float] = field(default_factory=dict)  # held-out scores of the candidate
     initial: dict[str, float] = field(default_factory=dict)  # held-out scores of the drafter the run started from
@@ -66,6 +69,15 @@ class Candidate:
 
 class _Rejected(Exception):
     """A candidate that must not be published (its message says why)."""
+
+
+def _fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (else autocast would emulate them, slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 class OnlineLearner:
@@ -95,13 +107,18 @@ class OnlineLearner:
         self.serving = copy.deepcopy(drafter)
         # The previous step's held-out sequences: checked against then, trained on now.
         self._held_out_last: list[SequenceFeatures] = []
+        self._bfloat16 = config.precision == "bfloat16" and _fast_bfloat16(self.device)
+        if config.precision == "bfloat16" and not self._bfloat16:
+            logger.warning("respec learner: %s has no fast bfloat16; the drafter trains in float32", self.device)
 
     # ----- training -----------------------------------------------------------------------------------------
 
-    def train_candidate(self, sequences: list[SequenceFeatures]) -> Candidate:
+    def train_candidate(self, sequences: list[SequenceFeatures], stop: threading.Event | None = None) -> Candidate:
         """Train on this rank's sequences of one RL step (+ replay) and check the result on the held-out ones, with
         the other ranks. Touches only the training copy and the buffer: nothing reaches the engines before the
-        candidate is published. Never raises for a bad candidate: its ``rejection`` says what went wrong."""
+        candidate is published. Never raises for a bad candidate: its ``rejection`` says what went wrong. Training
+        stops early, after at least one optimizer step, once rank 0's ``stop`` is set (the actor needs its device
+        back) or ``max_time_s`` has passed."""
         start = time.perf_counter()
         held_out = [s for s in sequences if s.held_out]
         training = [s for s in sequences if not s.held_out]
@@ -114,7 +131,7 @@ class OnlineLearner:
             candidate.serving = self._held_out_scores(self.serving, held_out)
             if self.initial is not None:
                 candidate.initial = self._held_out_scores(self.initial, held_out)
-            candidate.loss = self._train(start)
+            candidate.loss, candidate.optimizer_steps = self._train(start, stop)
             candidate.scores = self._held_out_scores(self.drafter, held_out)
             accept, serving_accept = candidate.scores["greedy_acceptance"], candidate.serving["greedy_acceptance"]
             if not math.isfinite(candidate.scores["tv"]) or not accept >= serving_accept:
@@ -137,8 +154,9 @@ class OnlineLearner:
             by_step.append(DraftStepStats(dict(zip(names, sums)), tokens))
         return mean_over_steps(by_step)
 
-    def _train(self, start: float) -> float:
-        """At most ``steps_per_rl_step`` AdamW steps within ``max_time_s``; returns their mean loss (over ranks)."""
+    def _train(self, start: float, stop: threading.Event | None) -> tuple[float, int]:
+        """At most ``steps_per_rl_step`` AdamW steps, within ``max_time_s`` and until ``stop``; returns their mean
+        loss (over ranks) and their number."""
         if self.ranks.sum_floats(len(self.buffer.sequences))[0] == 0:
             raise _Rejected("no training sequences this step")
         local_batch = max(1, math.ceil(self.config.batch_size / self.ranks.size))
@@ -146,12 +164,13 @@ class OnlineLearner:
         self.drafter.train()
         try:
             for _ in range(self.config.steps_per_rl_step):
-                if losses and self.ranks.from_rank0(time.perf_counter() - start > self.config.max_time_s):
+                out_of_time = time.perf_counter() - start > self.config.max_time_s
+                if losses and self.ranks.from_rank0(out_of_time or (stop is not None and stop.is_set())):
                     break
                 losses.append(self._train_step(local_batch))
         finally:
             self.drafter.eval()
-        return sum(losses) / len(losses)
+        return sum(losses) / len(losses), len(losses)
 
     def _train_step(self, local_batch: int) -> float:
         """One optimizer step over every rank's minibatch; all ranks agree whether it succeeded."""
@@ -163,11 +182,14 @@ class OnlineLearner:
         totals = self.ranks.sum(totals)
         self.optimizer.zero_grad(set_to_none=True)
         error, share = None, 0.0
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self._bfloat16
+                    else contextlib.nullcontext())
         try:
             if batch is not None:
-                loss, _ = kd_loss_by_step(self.drafter, batch, divergence=self.config.divergence,
-                                          negative_feedback_coef=self.config.negative_feedback,
-                                          num_draft_steps=self.config.num_draft_steps, weight_totals=totals)
+                with autocast:
+                    loss, _ = kd_loss_by_step(self.drafter, batch, divergence=self.config.divergence,
+                                              negative_feedback_coef=self.config.negative_feedback,
+                                              num_draft_steps=self.config.num_draft_steps, weight_totals=totals)
                 share = loss.item()
                 if not math.isfinite(share):
                     raise _Rejected(f"non-finite loss {share}")
@@ -190,7 +212,8 @@ class OnlineLearner:
     def candidate_metrics(self, candidate: Candidate) -> dict[str, float]:
         """The ``respec/learner/*`` metrics of a candidate's training and checks (the version counters come with
         :meth:`settle`)."""
-        metrics = {"weight_mean": candidate.weight_mean, "sequences": float(candidate.sequences)}
+        metrics = {"weight_mean": candidate.weight_mean, "sequences": float(candidate.sequences),
+                   "optimizer_steps": float(candidate.optimizer_steps)}
         if candidate.loss is not None:
             metrics["loss"] = candidate.loss
         if candidate.serving:

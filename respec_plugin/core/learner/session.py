@@ -1,6 +1,11 @@
 """One rank's learner across RL steps: the features it kept from the actor's forward, the candidate drafter trained
 on them, its publication to the co-located engine, and its state in checkpoints.
 
+``learner.overlap``: the step's training does not run when the driver asks for it but in a background thread started
+at the weight sync, while the next rollout runs (the actor ranks are idle then), for as long as the rollout lasts (at
+most ``steps_per_rl_step``): the next old-log-prob forward stops it after its current optimizer step and waits for it
+(``wait_s``), and its candidate is published at the weight sync after that, one step later.
+
 It runs inside each actor rank (respec_plugin/integrations/verl/learner_worker.py calls it); every rank holds the same
 drafter (data-parallel), so each can push it to the vLLM worker on its own device. A version serves only when every
 rank's engine took it: otherwise every engine is put back on the serving version, so no two replicas ever serve
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +53,13 @@ class LearnerSession:
         self._pending: Candidate | None = None
         self._metrics: dict[str, float] = {}
         self._publish_s = 0.0
+        # learner.overlap: the step's rows and weights waiting for the weight sync, the thread training on them, and
+        # the metrics of the last training it finished.
+        self._scheduled: tuple[list[SequenceFeatures], Mapping[int, float], int] | None = None
+        self._thread: threading.Thread | None = None
+        self._train_metrics: dict[str, float] = {}
+        self._wait_s = 0.0
+        self._stop = threading.Event()
 
     # ----- the step's features ------------------------------------------------------------------------------
 
@@ -62,28 +75,62 @@ class LearnerSession:
 
     # ----- training -----------------------------------------------------------------------------------------
 
-    def train(self, row_weights: Mapping[int, float], step: int) -> dict[str, float]:
-        """Train a candidate on the kept rows with the driver's trajectory weights; returns its metrics."""
+    def train(self, row_weights: Mapping[int, float], step: int, *, overlap: bool = False) -> dict[str, float]:
+        """Train a candidate on the kept rows with the driver's trajectory weights; returns its metrics. With
+        ``overlap``, only keep them: training starts at the weight sync (:meth:`publish`), and its metrics come with
+        :meth:`status` once it is done."""
+        captured, self._captured = self._captured, []
+        if self._capture_failed:
+            captured = None
+        if overlap:
+            self._scheduled = (captured, row_weights, step)
+            return {}
+        return self._train(captured, row_weights, step)
+
+    def _train(self, captured: list[SequenceFeatures] | None, row_weights: Mapping[int, float], step: int,
+               stop: threading.Event | None = None) -> dict[str, float]:
         start = time.perf_counter()
         self._pending = None
         try:
-            if self._capture_failed:
+            if captured is None:
                 raise RuntimeError("this step's features could not be captured")
-            sequences = [dataclasses.replace(s, weight=float(row_weights[s.row])) for s in self._captured]
+            sequences = [dataclasses.replace(s, weight=float(row_weights[s.row])) for s in captured]
             if self.record_dir is not None:
                 self._record(step, sequences)
-            candidate = self.learner.train_candidate(sequences)
+            candidate = self.learner.train_candidate(sequences, stop)
         except Exception as e:  # noqa: BLE001 -- a learner failure must leave the RL step and the serving drafter alone
             logger.exception("respec learner: no candidate this step; drafter v%d keeps serving",
                              self.learner.serving_version)
             candidate = self.learner.failed_candidate(e)
-        finally:
-            self._captured = []
         self._pending = candidate
         metrics = self.learner.candidate_metrics(candidate)
         metrics[METRIC_PREFIX + "train_s"] = time.perf_counter() - start
         metrics[METRIC_PREFIX + "tokens"] = float(candidate.tokens)
         return metrics
+
+    def join(self) -> None:
+        """Stop the overlapped training after its current optimizer step and wait for it (before the actor's next
+        forward, or a checkpoint); the wait is ``wait_s``."""
+        start = time.perf_counter()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._wait_s = time.perf_counter() - start
+
+    def _start_scheduled(self) -> None:
+        if self._scheduled is None:
+            return
+        captured, row_weights, step = self._scheduled
+        self._scheduled = None
+
+        self._stop = threading.Event()
+
+        def run() -> None:
+            self._train_metrics = self._train(captured, row_weights, step, self._stop)
+
+        self._thread = threading.Thread(target=run, name="respec-learner", daemon=True)
+        self._thread.start()
 
     def _record(self, step: int, sequences: list[SequenceFeatures]) -> None:
         """``learner.record_dir``: this rank's features of the step, for offline learner comparisons."""
@@ -114,6 +161,7 @@ class LearnerSession:
             logger.exception("respec learner: drafter publication failed; the engine keeps its drafter")
             self.engine_version = -1
         self._publish_s = time.perf_counter() - start
+        self._start_scheduled()
 
     async def _push_serving(self, pusher: DrafterPusher) -> None:
         version = self.learner.serving_version
@@ -123,15 +171,21 @@ class LearnerSession:
             logger.error("respec learner: the engine refused the serving drafter v%d: %s", version, refused)
 
     def status(self) -> dict[str, float]:
-        """The last publication's ``respec/learner/*`` metrics (counters, versions, push time)."""
-        return {**self._metrics, METRIC_PREFIX + "publish_s": self._publish_s,
-                METRIC_PREFIX + "engine_version": float(self.engine_version)}
+        """The last publication's ``respec/learner/*`` metrics (counters, versions, push time; with overlap, also the
+        published candidate's training metrics and the wait for its training)."""
+        train_metrics, self._train_metrics = self._train_metrics, {}
+        publication, self._metrics = self._metrics, {}
+        return {**train_metrics, **publication, METRIC_PREFIX + "publish_s": self._publish_s,
+                METRIC_PREFIX + "wait_s": self._wait_s, METRIC_PREFIX + "engine_version": float(self.engine_version),
+                METRIC_PREFIX + "published_version": float(self.learner.serving_version),
+                METRIC_PREFIX + "rejected_versions": float(self.learner.rejected_versions)}
 
     # ----- checkpoint ---------------------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
         """The learner (serving drafter, optimizer, counters) and a candidate trained but not yet published, which
-        a resumed run publishes at its first weight sync."""
+        a resumed run publishes at its first weight sync (with overlap: rows not yet trained on are not saved)."""
+        self.join()
         self.learner.save(directory, self._pending)
 
     def restore(self, directory: Path) -> None:

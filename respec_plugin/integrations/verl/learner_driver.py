@@ -65,6 +65,7 @@ class LearnerDriver:
         self._selected: dict[str, int] = {}  # this step's selected keys -> row id
         self._received_bytes = 0
         self._extra_forward_rows = 0  # rows of the learner's own forward this step (bypass mode only)
+        self._train_call_s = 0.0
 
     def _due(self) -> bool:
         return self.trainer.global_step % self.config.every_n_steps == 0
@@ -87,6 +88,7 @@ class LearnerDriver:
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
         self._selected = {key: row for row, (key, c) in enumerate(zip(batch.keys, choice)) if c != NOT_SELECTED}
         self._extra_forward_rows = 0
+        self._train_call_s = 0.0
         return self._selected
 
     def forward_selected_rows(self, batch, config) -> None:
@@ -132,8 +134,8 @@ class LearnerDriver:
         results = self.trainer.actor_worker_group.respec_train_drafter(row_weights=row_weights,
                                                                          step=self.trainer.global_step)
         self._received_bytes = _received(results)
+        self._train_call_s = time.perf_counter() - start
         metrics = dict(results[0])
-        metrics[METRIC_PREFIX + "blocking_s"] = time.perf_counter() - start
         metrics[METRIC_PREFIX + "extra_forward_rows"] = float(self._extra_forward_rows)
         return metrics
 
@@ -144,6 +146,10 @@ class LearnerDriver:
         results = self.trainer.actor_worker_group.respec_learner_status()
         self._received_bytes += _received(results)
         metrics = dict(results[0])
+        # What the RL step waited for: the training call (the training itself unless it overlaps the rollout), the
+        # wait for an overlapped training before the old-log-prob forward, and the push in the weight sync.
+        metrics[METRIC_PREFIX + "blocking_s"] = (self._train_call_s + metrics[METRIC_PREFIX + "wait_s"]
+                                                 + metrics[METRIC_PREFIX + "publish_s"])
         published = metrics.get(METRIC_PREFIX + "published_version")
         engine_versions = [r[METRIC_PREFIX + "engine_version"] for r in results]
         if published is not None:

@@ -46,6 +46,7 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
 
     respec_session: LearnerSession | None = None
     _respec_capture: ActorForwardCapture | None = None
+    _respec_overlap = False
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
@@ -66,6 +67,7 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
         learner = OnlineLearner(respec.learner, drafter, serving_version=version, seed=self.config.actor.get(
             "data_loader_seed", 0) + rank, initial=initial, process_group=group)
         self.respec_session = LearnerSession(learner, record_dir=respec.learner.record_dir, rank=rank)
+        self._respec_overlap = respec.learner.overlap
         self._respec_capture = ActorForwardCapture(self.actor.engine.module, CaptureSpec(
             aux_layer_ids=drafter.config.eagle_aux_hidden_state_layer_ids,
             draft_token_ids=drafter.draft_token_ids.cpu(), top_k=respec.learner.top_k))
@@ -76,6 +78,7 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
     def compute_log_prob(self, data):
         if self.respec_session is None:
             return super().compute_log_prob(data)
+        self.respec_session.join()  # learner.overlap: the training that ran during the rollout
         with self._capturing():
             return super().compute_log_prob(data)
 
@@ -117,8 +120,9 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
     def respec_train_drafter(self, row_weights: dict[int, float], step: int) -> dict[str, float]:
         """Train a candidate drafter on the features this rank kept in the step's old-log-prob forward, with the
         trajectory weights the driver computed (row id -> weight); every actor rank takes part. Returns the
-        candidate's ``respec/learner/*`` metrics; never raises."""
-        return self.respec_session.train(row_weights, step)
+        candidate's ``respec/learner/*`` metrics; never raises. With ``learner.overlap`` it only keeps them: the
+        training runs during the next rollout."""
+        return self.respec_session.train(row_weights, step, overlap=self._respec_overlap)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def respec_learner_status(self) -> dict[str, float]:

@@ -17,8 +17,9 @@ from respec_plugin.core.learner.buffer import SequenceFeatures
 from respec_plugin.core.learner.loop import OnlineLearner
 
 VOCAB, DRAFT_VOCAB, HIDDEN, TOP_K = 64, 32, 32, 8
+# float32: the comparison is of the update itself, not of bfloat16 rounding.
 CONFIG = LearnerConfig(enable=True, steps_per_rl_step=3, batch_size=64, learning_rate=1e-2, num_draft_steps=2,
-                       top_k=TOP_K)
+                       top_k=TOP_K, precision="float32")
 
 
 def _drafter():

@@ -110,3 +110,25 @@ def test_a_pending_candidate_is_published_after_a_resume(tmp_path):
     assert resumed.status()["respec/learner/published_version"] == 1
     assert all(torch.equal(a, b) for a, b in zip(resumed.learner.serving.state_dict().values(),
                                                  session.learner.drafter.state_dict().values()))
+
+
+def test_overlapped_training_runs_after_the_weight_sync_and_publishes_a_step_later():
+    session, engine = _session(), Engine()
+    _accepting(session)
+    rows = {row.row: row.weight for row in _rows()}
+    session.begin_capture()
+    session.add_captured(_rows())
+    assert session.train(rows, step=1, overlap=True) == {}  # kept, not trained: the RL step does not wait
+    asyncio.run(session.publish(engine, resync=False))  # step 1's sync: nothing to publish yet, training starts
+    assert engine.pushed == [] and session._thread is not None
+    session.join()  # the next old-log-prob forward waits for it
+    session.begin_capture()
+    session.add_captured(_rows())
+    session.train(rows, step=2, overlap=True)
+    asyncio.run(session.publish(engine, resync=False))  # step 2's sync publishes step 1's candidate
+    assert engine.pushed == [1]
+    status = session.status()
+    assert status["respec/learner/published_version"] == 1 and status["respec/learner/train_s"] > 0
+    assert status["respec/learner/wait_s"] >= 0
+    session.join()
+    assert session._pending is not None and session._pending.rejection is None  # step 2's, for step 3's sync
