@@ -199,7 +199,9 @@ class ActorForwardCapture:
         for i, slot in enumerate(self._slots):
             aux = torch.cat([pending.aux[layer][i] for layer in self.spec.aux_layer_ids], dim=-1)
             probs, ids = pending.targets[i]
+            # Kept in host memory until trained on: the device's memory belongs to vLLM during the rollout.
             rows.append(SequenceFeatures(token_ids=slot.token_ids, loss_mask=slot.loss_mask,
-                                         input_embeds=pending.embeds[i], aux_hidden_states=aux, target_probs=probs,
-                                         target_ids=ids, row=slot.row, held_out=slot.held_out))
+                                         input_embeds=pending.embeds[i].cpu(), aux_hidden_states=aux.cpu(),
+                                         target_probs=probs.cpu(), target_ids=ids.cpu(), row=slot.row,
+                                         held_out=slot.held_out))
         return rows
