@@ -41,7 +41,7 @@ from respec_lab.models import chat_prompt_ids
 from respec_plugin.core.spec_stats import RequestSpecStats
 from respec_plugin.core.tuner.channel import take_steps, write_schedule
 from respec_plugin.core.tuner.policy import Tuner
-from respec_plugin.core.tuner.service import EngineTuner
+from respec_plugin.core.tuner.service import EngineControl, EngineTuner
 
 PARTIAL = "tuner_sweep.partial"  # benchmarks/results/tuner_sweep.partial.json: a run cut short
 BATCH_SIZES = (1, 4, 16, 64, 256)
@@ -61,10 +61,11 @@ def engine(lab, tuned: bool):
         return LLM(model=lab.actor_dir, **kwargs), None
     respec = ReSpecConfig(drafter_path=lab.drafter_dir, num_speculative_tokens=K_MAX,
                           tuner=TunerConfig(mode="static", k_max=K_MAX))
-    engine_tuner = EngineTuner(respec, MAX_NUM_SEQS)  # only its engine set-up: the benchmark drives the schedules
+    control = EngineControl(K_MAX, MAX_NUM_SEQS, record_steps=True, k0_skips_drafter=respec.tuner.k0_skips_drafter)
+    engine_tuner = EngineTuner(respec, control)  # only its engine set-up: the benchmark drives the schedules
     kwargs.update(speculative_config=respec.speculative_config(), per_request_spec_decode_metrics="detailed")
     engine_tuner.configure_engine(kwargs, data_parallel_size=1)
-    return LLM(model=lab.actor_dir, **kwargs), engine_tuner.control_dir
+    return LLM(model=lab.actor_dir, **kwargs), control.control_dir
 
 
 def shutdown(llm) -> None:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from respec_plugin.core.config import CONFIG_PREFIX
@@ -199,13 +199,18 @@ def run_logged(
     cwd: str | os.PathLike[str] | None = None,
     kill_grace_s: float = 30.0,
     kill_after_step: int | None = None,
+    kill_at_checkpoint: tuple[Path, int] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run ``argv`` with ``env`` added to this process's environment, stdout+stderr streamed into ``log_path``.
 
     The command runs in its own process group; past ``timeout_s`` the whole group (driver, Ray's local
     cluster, vLLM engines) gets SIGTERM, then SIGKILL after ``kill_grace_s``. With ``kill_after_step``, every
     process of the run gets SIGKILL as soon as verl has logged that step's metrics (the step's checkpoint is
-    written by then): a crash, no clean shutdown, that a later run can resume from.
+    written by then): a crash, no clean shutdown, that a later run can resume from. With ``kill_at_checkpoint``
+    ``(checkpoint root, n)`` the kill comes within milliseconds of verl marking step n's checkpoint as the latest,
+    inside that step (before its weight sync and its metrics). ``on_start`` gets the run's process id, which is also
+    its session id, as soon as it started (e.g. to watch its processes).
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,11 +226,18 @@ def run_logged(
             start_new_session=True,
         )
         logger.info("started pid %d, log %s: %s", process.pid, log_path, " ".join(argv))
+        if on_start is not None:
+            on_start(process.pid)
         try:
-            if kill_after_step is None:
-                returncode: int | None = process.wait(timeout=timeout_s)
+            if kill_after_step is not None:
+                returncode: int | None = _kill_when(process, lambda: kill_after_step in parse_console_metrics(
+                    log_path.read_text(errors="replace")), f"logged step {kill_after_step}", timeout_s, poll_s=1.0)
+            elif kill_at_checkpoint is not None:
+                root, step = kill_at_checkpoint
+                returncode = _kill_when(process, lambda: _latest_checkpoint(root) == step,
+                                        f"marked checkpoint {step} as the latest", timeout_s, poll_s=0.005)
             else:
-                returncode = _kill_after_step(process, log_path, kill_after_step, timeout_s)
+                returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             logger.warning("pid %d ran past %.0f s; stopping its process group", process.pid, timeout_s)
             _stop_group(process, kill_grace_s)
@@ -234,18 +246,28 @@ def run_logged(
     return RunResult(returncode, wall_s, log_path, parse_console_metrics(log_path.read_text(errors="replace")))
 
 
-def _kill_after_step(process: subprocess.Popen[bytes], log_path: Path, step: int, timeout_s: float) -> int:
-    """Poll the log until ``step``'s metrics line, then SIGKILL the run's whole session; its exit code."""
+def _kill_when(process: subprocess.Popen[bytes], happened: Callable[[], bool], what: str, timeout_s: float,
+               poll_s: float) -> int:
+    """Poll ``happened`` every ``poll_s`` until it holds, then SIGKILL the run's whole session; its exit code."""
     deadline = time.monotonic() + timeout_s
     while process.poll() is None:
-        if step in parse_console_metrics(log_path.read_text(errors="replace")):
-            logger.info("pid %d logged step %d; killing its session", process.pid, step)
+        if happened():
+            logger.info("pid %d %s; killing its session", process.pid, what)
             _kill_session(process.pid, deadline)
             break
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(process.args, timeout_s)
-        time.sleep(1.0)
+        time.sleep(poll_s)
     return process.wait()
+
+
+def _latest_checkpoint(checkpoint_root: Path) -> int | None:
+    """The step verl's ``latest_checkpointed_iteration.txt`` names (None before the first checkpoint)."""
+    try:
+        text = (Path(checkpoint_root) / "latest_checkpointed_iteration.txt").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _session_pids(session_id: int) -> list[int]:

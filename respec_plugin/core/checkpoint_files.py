@@ -17,6 +17,12 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "global_step_"
+# respec's state in a step folder: the tuners' (one file, written by the trainer) and the learner's (one folder,
+# written by the actor ranks).
+TUNER_STATE_FILE = "respec_tuner.json"
+LEARNER_STATE_DIR = "respec_learner"
+# The trainer's own checkpoint of the actor in a step folder; respec's state is pruned with it.
+ACTOR_DIR = "actor"
 
 
 def step_folder(checkpoint_root: str | os.PathLike[str], global_step: int) -> Path:
@@ -44,6 +50,24 @@ def restore_folder(resumed: Path | None, resumed_step: int, name: str) -> Path |
     logger.warning("respec: %s has no %s (the run stopped between the trainer's checkpoint and respec's); restoring "
                    "it from step %d instead", resumed, name, step)
     return folder
+
+
+def prune_orphaned_state(checkpoint_root: str | os.PathLike[str]) -> list[Path]:
+    """Remove respec's state from step folders whose actor checkpoint the trainer has removed (verl's
+    ``max_actor_ckpt_to_keep`` deletes only its own ``actor`` folder), and such folders once empty, so respec's files
+    follow the trainer's retention instead of growing with every checkpoint; returns the folders pruned."""
+    pruned = []
+    for folder in Path(os.path.abspath(checkpoint_root)).glob(f"{STEP_PREFIX}*"):
+        if not folder.is_dir() or (folder / ACTOR_DIR).exists():
+            continue
+        state = [folder / name for name in (TUNER_STATE_FILE, LEARNER_STATE_DIR) if (folder / name).exists()]
+        for path in state:
+            _remove(path)
+        if state:
+            pruned.append(folder)
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return pruned
 
 
 @contextlib.contextmanager

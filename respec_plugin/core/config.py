@@ -195,13 +195,39 @@ class TunerConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """The acceptance-collapse watchdog (``respec.watchdog.*``): after each rollout, a drafter whose acceptance fell
+    to about nothing (a corrupted copy in the engine serves lossless but slow output, with no error) is restored from
+    its last good copy; if it stays collapsed, the engine stops speculating (k = 0)."""
+
+    enable: bool = True
+    # A rollout whose acceptance length (tokens per verify step that drafted) is at most this counts as collapsed...
+    collapsed_accept_length: float = 1.05
+    # ...but only for a drafter that held acceptance: an earlier rollout of this engine reached at least this (a day-0
+    # drafter that never drafted well is left to the learner).
+    healthy_accept_length: float = 1.3
+    # Verify steps with drafts a rollout needs before it is judged (fewer say nothing about the drafter).
+    min_draft_steps: int = 64
+
+    def __post_init__(self):
+        _check_number("watchdog.collapsed_accept_length", self.collapsed_accept_length, 1.0, float("inf"),
+                      low_open=False, high_open=True, fix="use an acceptance length >= 1.0, e.g. 1.05.")
+        _check_number("watchdog.healthy_accept_length", self.healthy_accept_length, self.collapsed_accept_length,
+                      float("inf"), low_open=True, high_open=True,
+                      fix=f"use an acceptance length above watchdog.collapsed_accept_length="
+                          f"{self.collapsed_accept_length}, e.g. 1.3.")
+        _check_int("watchdog.min_draft_steps", self.min_draft_steps, 1)
+
+
+@dataclass(frozen=True)
 class ReSpecConfig:
     """Speculative-decoding settings of the respec rollout backend."""
 
     # Drafter method: "eagle3" (a trained EAGLE-3 head), "draft_model" (a small LM of the same vocabulary)
     # or "ngram" (prompt lookup, no weights).
     method: DrafterMethod = "eagle3"
-    # Directory of the drafter checkpoint (config.json + safetensors); required for eagle3 and draft_model.
+    # Directory of the drafter checkpoint (config.json + weights, in vLLM's, speculators' or the EAGLE authors' format);
+    # required for eagle3 and draft_model.
     drafter_path: str | None = None
     # Number of speculative tokens k drafted per verify step; 0 turns speculation off (plain vLLM).
     num_speculative_tokens: int = 3
@@ -212,6 +238,8 @@ class ReSpecConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     # The SD configuration tuner (k per batch size, learnt online); see TunerConfig.
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    # The acceptance-collapse watchdog (drafter checkpoints only); see WatchdogConfig.
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def __post_init__(self):
         _check_choice("method", self.method, DrafterMethod)
@@ -244,6 +272,16 @@ class ReSpecConfig:
         """Whether the engines load a drafter from ``drafter_path`` (a checkpoint method with speculation on)."""
         return self.method in CHECKPOINT_METHODS and self.speculation_enabled
 
+    @property
+    def watchdog_enabled(self) -> bool:
+        """Whether the engines run the watchdog (it guards drafter weights; n-gram lookup has none)."""
+        return self.watchdog.enable and self.uses_drafter_checkpoint
+
+    @property
+    def uses_scheduler(self) -> bool:
+        """Whether the engines run respec's scheduler: the tuner sets k through it, the watchdog turns k to 0."""
+        return self.tuner.enabled or self.watchdog_enabled
+
     @classmethod
     def from_mapping(cls, block: Mapping[str, Any] | None) -> "ReSpecConfig":
         """Build from the ``respec`` block (a dict or DictConfig): unknown keys are errors, and a drafter path must
@@ -261,17 +299,19 @@ class ReSpecConfig:
     def check_drafter_path(self) -> None:
         if self.uses_drafter_checkpoint and not os.path.isfile(os.path.join(self.drafter_path, "config.json")):
             raise bad_value("drafter_path", self.drafter_path, "no config.json there; point it at a drafter "
-                            "checkpoint directory (config.json + safetensors).")
+                            "checkpoint directory (config.json + weights).")
 
     def speculative_config(self) -> dict[str, Any] | None:
         """vLLM's ``speculative_config`` for this block, or None when speculation is off."""
         if not self.speculation_enabled:
             return None
         spec: dict[str, Any] = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens}
-        if self.tuner.enabled:
-            # The engine drafts up to k_max; the tuner's scheduler narrows it per batch size at run time. vLLM's
-            # schedule carries the last entry forward, so this one entry serves the default k at every size.
-            spec["num_speculative_tokens"] = self.tuner.k_max
+        if self.uses_scheduler:
+            # The engine drafts up to k_max (the tuner) or k; respec's scheduler narrows it per batch size at run
+            # time. vLLM's schedule carries the last entry forward, so this one entry serves the default k at every
+            # size.
+            if self.tuner.enabled:
+                spec["num_speculative_tokens"] = self.tuner.k_max
             spec["num_speculative_tokens_per_batch_size"] = [(1, 1, self.num_speculative_tokens)]
         if self.method == "ngram":
             spec["prompt_lookup_max"] = self.prompt_lookup_max
@@ -286,6 +326,9 @@ class ReSpecConfig:
             return
         with open(os.path.join(self.drafter_path, "config.json")) as f:
             drafter_config = json.load(f)
+        # The speculators format keeps the layer's sizes in a block of their own.
+        drafter_config = {**drafter_config.get("transformer_layer_config", {}),
+                          **{k: v for k, v in drafter_config.items() if v is not None}}
         actor_vocab = getattr(actor_hf_config, "vocab_size", None)
         drafter_vocab = drafter_config.get("vocab_size")
         if actor_vocab is not None and drafter_vocab is not None and drafter_vocab != actor_vocab:

@@ -10,6 +10,7 @@ the same experiment directory, and verl's ``trainer.resume_mode=auto`` resumes i
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 from respec_lab.launch import RunResult, grpo_command, respec_overrides, run_logged
@@ -34,6 +35,8 @@ LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "rewar
 class LabRun:
     experiment_dir: Path
     result: RunResult
+    # The run's TMPDIR (its processes' temporary files, respec's control directories among them).
+    tmp_dir: Path
 
     @property
     def checkpoints(self) -> Path:
@@ -66,5 +69,9 @@ def run(lab, experiment_dir: Path, log_name: str, kill_after_step: int | None = 
             "trainer.resume_mode=auto",
         ],
     )
+    tmp_dir = experiment_dir.resolve() / f"tmp-{Path(log_name).stem}"
+    tmp_dir.mkdir(parents=True)
+    # Ray keeps its usual directory (its socket paths must stay short); everything else of the run uses tmp_dir.
+    env = {**env, "TMPDIR": str(tmp_dir), "RAY_TMPDIR": tempfile.gettempdir()}
     result = run_logged(argv, env, experiment_dir / log_name, timeout_s=1200, kill_after_step=kill_after_step)
-    return LabRun(experiment_dir, result)
+    return LabRun(experiment_dir, result, tmp_dir)

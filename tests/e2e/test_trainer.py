@@ -103,7 +103,7 @@ def test_killed_run_resumes_at_the_step_after_its_checkpoint(killed_run, resumed
     """The shared learner + tuner run (tests/grpo_runs.py) is SIGKILLed, all its processes at once, as soon as it
     has logged step SAVE_STEP: a real crash, not a clean stop, so nothing at shutdown (verl's ``on_train_end``,
     Ray's teardown) can help the resume. It is not flaky: verl logs a step after everything of it, checkpoints
-    included (verl's in the step, the learner's in ``on_step_end``, the tuner's with the step's metrics), and the
+    included (respec's state is written inside verl's save, before verl marks the checkpoint as the latest), and the
     next step takes far longer than the launcher's 1 s poll, so the kill always lands inside step SAVE_STEP + 1,
     where what it interrupts does not matter. The same command in the same directory then resumes
     (``trainer.resume_mode=auto``) at the step after the checkpoint and finishes the run. What the learner and the

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from respec_plugin.core.config import TunerConfig  # noqa: E402
-from respec_plugin.integrations.verl.tuner_replicas import CHECKPOINT_FILE  # noqa: E402
+from respec_plugin.core.checkpoint_files import TUNER_STATE_FILE  # noqa: E402
 from tests.e2e.grpo_runs import DEFAULT_K, K_MAX, SAVE_STEP, SEQUENCES, TOTAL_STEPS, TUNER  # noqa: E402
 
 BUCKET_PREFIX = "respec/tuner/k_by_bucket/"
@@ -28,7 +28,7 @@ def _k_by_bucket(metrics: dict[str, float], prefix: str = BUCKET_PREFIX) -> dict
 
 
 def _saved_state(run, step: int) -> dict:
-    (state,) = json.loads((run.checkpoints / f"global_step_{step}" / CHECKPOINT_FILE).read_text())  # one replica
+    (state,) = json.loads((run.checkpoints / f"global_step_{step}" / TUNER_STATE_FILE).read_text())  # one replica
     return state
 
 
@@ -72,3 +72,10 @@ def test_tuner_state_saved_after_the_steps_update_and_restored_on_resume(killed_
     resumed_steps = {(bucket, k): stats[2] for bucket, k, *stats in resumed["measured"]}
     for bucket, k, *stats in saved["measured"]:
         assert resumed_steps[(bucket, k)] >= forget * stats[2] - 1e-9, (bucket, k)
+
+
+def test_control_directory_is_private_and_removed_when_the_run_ends(killed_run, resumed_run):
+    # The SIGKILLed run could not clean up: its directory shows where and how the engine's control directory lives.
+    (left,) = killed_run.tmp_dir.glob("respec-control-*")
+    assert left.stat().st_mode & 0o777 == 0o700
+    assert list(resumed_run.tmp_dir.glob("respec-control-*")) == []  # the finished run removed its own

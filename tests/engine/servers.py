@@ -40,7 +40,8 @@ def rollout_and_model_config(actor_dir: str, respec_block: dict):
     return cfg.actor_rollout_ref.rollout, cfg.actor_rollout_ref.model
 
 
-def start_server(actor_dir: str, respec_block: dict):
+def start_server(actor_dir: str, respec_block: dict, env: dict[str, str] | None = None):
+    """A respec server (Ray actor) with ``env`` added to its processes' environment."""
     from verl.workers.rollout.replica import RolloutMode
 
     from respec_plugin.integrations.verl.server import ReSpecHttpServer
@@ -48,7 +49,7 @@ def start_server(actor_dir: str, respec_block: dict):
     rollout_config, model_config = rollout_and_model_config(actor_dir, respec_block)
     server = (
         ray.remote(ReSpecHttpServer)
-        .options(runtime_env={"env_vars": CPU_ENV}, max_concurrency=64)
+        .options(runtime_env={"env_vars": {**CPU_ENV, **(env or {})}}, max_concurrency=64)
         .remote(
             config=rollout_config,
             model_config=model_config,

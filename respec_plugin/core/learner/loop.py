@@ -280,14 +280,21 @@ class OnlineLearner:
                     "pending_candidate": pending}, directory / STATE_FILE)
         (directory / SUMMARY_FILE).write_text(json.dumps(self.buffer.summary(), indent=2))
 
+    @staticmethod
+    def read_state(directory: str | Path) -> dict:
+        """The counters and optimizer state :meth:`save` wrote (tensors only: never unpickles code)."""
+        path = Path(directory) / STATE_FILE
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"learner state {path} has format {state.get('format')!r}, this respec reads format "
+                             f"{STATE_FORMAT}")
+        return state
+
     def load(self, directory: str | Path) -> Candidate | None:
         """Restore what :meth:`save` wrote (the buffer starts empty: only its summary is saved); returns the
         candidate that was waiting to be published, if any."""
         directory = Path(directory)
-        state = torch.load(directory / STATE_FILE, weights_only=True, map_location=self.device)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"learner state {directory / STATE_FILE} has format {state.get('format')!r}, this respec "
-                             f"reads format {STATE_FORMAT}")
+        state = self.read_state(directory)
         serving, version = load_drafter(directory / SERVING_DIR)
         self.serving.load_state_dict(serving.state_dict())
         self.drafter.load_state_dict(serving.state_dict())
@@ -300,3 +307,12 @@ class OnlineLearner:
         self.rejected_versions = state["rejected_versions"]
         self.generator.manual_seed(self.seed + self.latest_version)
         return Candidate() if state["pending_candidate"] else None
+
+
+def check_saved_state(directory: str | Path) -> None:
+    """Raise if the learner state :meth:`OnlineLearner.save` wrote to ``directory`` cannot be read back."""
+    directory = Path(directory)
+    state = OnlineLearner.read_state(directory)
+    load_drafter(directory / SERVING_DIR)
+    if state["pending_candidate"]:
+        load_drafter(directory / CANDIDATE_DIR)

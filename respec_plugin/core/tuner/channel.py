@@ -19,7 +19,10 @@ from typing import NamedTuple
 # vLLM's ``scheduler_cls`` that reads this channel, and the ``additional_config`` keys it (and the k = 0 skip) read.
 SCHEDULER_CLS = "respec_plugin.integrations.vllm.scheduler.ReSpecScheduler"
 CONTROL_DIR_KEY = "respec_tuner_dir"
+RECORD_STEPS_KEY = "respec_record_steps"
 K0_SKIPS_DRAFTER_KEY = "respec_k0_skips_drafter"
+# The version of the k = 0 schedule the acceptance watchdog installs (the tuner's versions count up from 0).
+SPECULATION_OFF_VERSION = -2
 
 SCHEDULE_FILE = "schedule.json"
 STEPS_FILE = "steps.jsonl"

@@ -28,7 +28,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_id, get_device_name
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from respec_plugin.core.checkpoint_files import restore_folder, written_atomically
+from respec_plugin.core.checkpoint_files import LEARNER_STATE_DIR, restore_folder, written_atomically
 from respec_plugin.core.config import ReSpecConfig
 from respec_plugin.core.drafter.io import load_drafter
 from respec_plugin.core.learner.loop import OnlineLearner
@@ -38,7 +38,6 @@ from respec_plugin.integrations.verl.feature_capture import ActorForwardCapture,
 logger = logging.getLogger(__name__)
 
 # Sibling of verl's ``actor/`` in ``global_step_<n>``: the learner's state of that step.
-CHECKPOINT_SUBDIR = "respec_learner"
 
 
 class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -141,7 +140,7 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
         super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
         if self.respec_session is not None and torch.distributed.get_rank() == 0:
-            with written_atomically(Path(local_path).parent / CHECKPOINT_SUBDIR) as partial:
+            with written_atomically(Path(local_path).parent / LEARNER_STATE_DIR) as partial:
                 partial.mkdir(parents=True)
                 self.respec_session.save(partial)
 
@@ -152,13 +151,13 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
             return
         step_dir = Path(local_path).parent
         step = step_dir.name.removeprefix("global_step_")
-        folder = restore_folder(step_dir, int(step) if step.isdigit() else 0, CHECKPOINT_SUBDIR)
+        folder = restore_folder(step_dir, int(step) if step.isdigit() else 0, LEARNER_STATE_DIR)
         if folder is None:
             logger.warning("respec learner: %s has no %s; the learner starts from drafter_path", step_dir,
-                           CHECKPOINT_SUBDIR)
+                           LEARNER_STATE_DIR)
             return
-        self.respec_session.restore(folder / CHECKPOINT_SUBDIR)
-        logger.info("respec learner restored from %s: drafter v%d", folder / CHECKPOINT_SUBDIR,
+        self.respec_session.restore(folder / LEARNER_STATE_DIR)
+        logger.info("respec learner restored from %s: drafter v%d", folder / LEARNER_STATE_DIR,
                     self.respec_session.learner.serving_version)
 
 

@@ -1,5 +1,5 @@
 """The respec vLLM server: verl's ``vLLMHttpServer`` with speculative decoding, per-request stats and
-drafter hot-swap.
+drafter hot-swap, guarded by the acceptance watchdog.
 
 It builds vLLM's ``speculative_config`` from the respec block (the drafter always read from its checkpoint, even
 under verl's ``load_format=dummy``), asks vLLM for detailed per-request spec stats, adds them to each
@@ -23,12 +23,23 @@ from respec_plugin.compat import check_vllm_supports
 from respec_plugin.core.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError
 from respec_plugin.core.drafter.checkpoint import read_drafter_tensors
 from respec_plugin.core.spec_stats import RequestSpecStats
-from respec_plugin.core.tuner.service import EngineTuner
+from respec_plugin.core.drafter.watchdog import AcceptanceWatchdog, Action, Verdict
+from respec_plugin.core.tuner.service import EngineControl, EngineTuner
 from respec_plugin.integrations.verl.engine_proxy import SpecStatsEngine
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION_CLS = "respec_plugin.integrations.vllm.worker_extension.ReSpecWorkerExtension"
+
+
+@dataclass(frozen=True)
+class WatchdogReport:
+    """One engine's watchdog after a rollout: restores so far, whether speculation is off, the rollout's acceptance
+    length (None: not judged)."""
+
+    restores: int
+    speculation_off: bool
+    accept_length: float | None
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,14 @@ class ReSpecHttpServer(vLLMHttpServer):
         self.drafter_version = -1  # no drafter loaded yet
         self.drafter_push_failures = 0
         self._last_good_drafter: list[tuple[str, torch.Tensor]] | None = None
-        # The SD configuration tuner (respec.tuner.mode != off): its scheduler picks k per batch size.
-        self.tuner = EngineTuner(self.respec, config.max_num_seqs) if self.respec.tuner.enabled else None
+        # respec's scheduler in the engine, through which the SD configuration tuner (respec.tuner.mode != off) picks
+        # k per batch size and the acceptance watchdog turns speculation off.
+        self.control = (EngineControl(self.respec.num_speculative_tokens, config.max_num_seqs,
+                                      record_steps=self.respec.tuner.enabled,
+                                      k0_skips_drafter=self.respec.tuner.k0_skips_drafter)
+                        if self.respec.uses_scheduler else None)
+        self.tuner = EngineTuner(self.respec, self.control) if self.respec.tuner.enabled else None
+        self.watchdog = AcceptanceWatchdog(self.respec.watchdog) if self.respec.watchdog_enabled else None
         return config
 
     def _validate_configs(self) -> None:
@@ -86,6 +103,9 @@ class ReSpecHttpServer(vLLMHttpServer):
             engine_kwargs["per_request_spec_decode_metrics"] = "detailed"
             if self.tuner is not None:
                 self.tuner.configure_engine(engine_kwargs, data_parallel_size=self.config.data_parallel_size)
+            elif self.control is not None and self.config.data_parallel_size == 1:
+                # (vLLM drops per-batch-size schedules under data parallelism: the watchdog can then only restore.)
+                self.control.configure_engine(engine_kwargs)
 
     def _get_worker_extension_cls(self) -> str:
         return WORKER_EXTENSION_CLS
@@ -119,6 +139,8 @@ class ReSpecHttpServer(vLLMHttpServer):
             output.extra_fields.update(stats.to_extra_fields())
             if self.tuner is not None:
                 self.tuner.observe_request(stats)
+            if self.watchdog is not None:
+                self.watchdog.observe(stats)
         return output
 
     # ----- drafter versions -------------------------------------------------------------------------------
@@ -165,6 +187,45 @@ class ReSpecHttpServer(vLLMHttpServer):
     def _status(self, ok: bool, error: str | None) -> DrafterStatus:
         return DrafterStatus(ok, self.drafter_version, error, self.drafter_push_failures)
 
+    # ----- acceptance watchdog ----------------------------------------------------------------------------
+
+    async def watchdog_check(self) -> WatchdogReport:
+        """Between RL steps: judge the last rollout's acceptance; restore the last good drafter on a collapse, turn
+        speculation off on a second one in a row. Never raises: the rollout goes on either way."""
+        if self.watchdog is None:
+            return WatchdogReport(0, False, None)
+        verdict = self.watchdog.judge()
+        try:
+            if verdict.action is Action.MARK_GOOD:
+                await self.engine.collective_rpc("respec_mark_drafter_good", kwargs={"version": self.drafter_version})
+            elif verdict.action is Action.RESTORE:
+                await self._restore_drafter(verdict)
+            elif verdict.action is Action.SPECULATION_OFF:
+                self._turn_speculation_off(f"acceptance length {verdict.accept_length:.3f} again right after the "
+                                           "last good drafter was restored")
+        except Exception:
+            logger.exception("respec watchdog: %s failed", verdict.action.value)
+        return WatchdogReport(self.watchdog.restores, self.watchdog.speculation_off, verdict.accept_length)
+
+    async def _restore_drafter(self, verdict: Verdict) -> None:
+        logger.warning("respec watchdog: drafter v%d served with acceptance length %.3f (this engine reached %.3f): "
+                       "restoring the last good drafter", self.drafter_version, verdict.accept_length,
+                       verdict.reference)
+        try:
+            results = await self.engine.collective_rpc("respec_restore_drafter")
+        except Exception as e:
+            self.watchdog.restore_failed()
+            self._turn_speculation_off(f"the last good drafter could not be restored ({e})")
+            return
+        await self.drafter_pushed(results[0]["version"])
+
+    def _turn_speculation_off(self, why: str) -> None:
+        if self.control is not None and self.control.turn_speculation_off():
+            logger.error("respec watchdog: %s; speculation is off (k = 0) in this engine for the rest of the run", why)
+        else:
+            logger.error("respec watchdog: %s; this engine cannot turn speculation off (no respec scheduler under "
+                         "data parallelism) and keeps drafting", why)
+
     # ----- SD configuration tuner -------------------------------------------------------------------------
 
     async def tuner_update(self) -> dict[str, float]:
@@ -177,3 +238,8 @@ class ReSpecHttpServer(vLLMHttpServer):
     async def load_tuner_state(self, state: dict[str, Any]) -> None:
         if self.tuner is not None:
             self.tuner.load_state_dict(state)
+
+    async def close_control(self) -> None:
+        """The run is over: remove the scheduler's control directory."""
+        if self.control is not None:
+            self.control.close()

@@ -15,7 +15,7 @@ import functools
 import logging
 
 from respec_plugin import ROLLOUT_NAME
-from respec_plugin.core.checkpoint_files import restore_folder
+from respec_plugin.core.checkpoint_files import TUNER_STATE_FILE, prune_orphaned_state, restore_folder
 from respec_plugin.core.config import ReSpecConfig
 from respec_plugin.core.import_hooks import after_import
 from respec_plugin.core.report import DASHBOARD_KEYS, draw_dashboard
@@ -35,6 +35,13 @@ class ReSpecTrainerMixin:
     step and at every checkpoint it draws the run's respec dashboard (``respec_plugin.core.report``) into the
     checkpoint root."""
 
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if self._respec is not None:  # before verl builds any worker or engine: a bad value fails in seconds
+            from respec_plugin.integrations.verl.startup_checks import check_at_startup
+
+            check_at_startup(self.config, self._respec)
+
     @functools.cached_property
     def _respec(self) -> ReSpecConfig | None:
         """The respec block, parsed once (``_load_checkpoint`` needs it before ``on_train_begin``); None when the
@@ -49,17 +56,15 @@ class ReSpecTrainerMixin:
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
         if self._respec is not None and self._respec.learner.enable:
-            from respec_plugin.integrations.verl.learner_driver import check_supported
             from respec_plugin.integrations.verl.learner_worker import install_worker
 
-            check_supported(self.config)
             install_worker(self.role_worker_mapping)
 
     def on_train_begin(self):
         super().on_train_begin()
         self._respec_learner = None
         self._respec_learner_metrics: dict[str, float] = {}
-        self._respec_tuner_metrics: dict[str, float] = {}
+        self._respec_engine_metrics: dict[str, float] = {}
         self._respec_dashboard_steps: dict[int, dict[str, float]] = {}
         if self._respec is not None and self._respec.learner.enable:
             from respec_plugin.integrations.verl.learner_driver import LearnerDriver
@@ -87,11 +92,17 @@ class ReSpecTrainerMixin:
 
     def step(self, metrics, timing_raw):
         batch = super().step(metrics, timing_raw)
+        if self._respec is not None and self._respec.watchdog_enabled:
+            from respec_plugin.integrations.verl.drafter_watchdog import check_drafters
+
+            # Before the tuner's update (a watchdog that turned speculation off keeps k = 0) and before the weight
+            # sync pushes the learner's next drafter (the verdict is on the version that served this rollout).
+            self._respec_engine_metrics = check_drafters(self._respec_view.replicas)
         if self._respec is not None and self._respec.tuner.enabled:
             from respec_plugin.integrations.verl.tuner_replicas import update_tuners
 
             # The rollout is over: learn from it and install the next schedule (saved with this step's checkpoint).
-            self._respec_tuner_metrics = update_tuners(self._respec_view.replicas)
+            self._respec_engine_metrics.update(update_tuners(self._respec_view.replicas))
         return batch
 
     def _save_checkpoint(self):
@@ -104,6 +115,9 @@ class ReSpecTrainerMixin:
             save_tuners(self._respec_view.replicas, self._respec_view.step_folder())
         super()._save_checkpoint()
         self._respec_saved_step = self.global_steps
+        if self._respec is not None:
+            for folder in prune_orphaned_state(self._respec_view.checkpoint_root):
+                logger.info("respec: state removed from %s with the trainer's checkpoint there", folder)
 
     def on_step_end(self):
         super().on_step_end()  # verl syncs the actor into the engines here; the actor ranks push the drafter after it
@@ -123,14 +137,18 @@ class ReSpecTrainerMixin:
         real = [not tag.get("is_padding", False) for tag in batch.tags]
         records = [RequestSpecStats.from_extra_fields(fields) for fields, keep in zip(extra_fields, real) if keep]
         metrics.update(aggregate_step_metrics(record for record in records if record is not None))
-        metrics.update(self._respec_tuner_metrics)
-        self._respec_tuner_metrics = {}
+        metrics.update(self._respec_engine_metrics)
+        self._respec_engine_metrics = {}
         view = self._respec_view
         self._respec_dashboard_steps[global_steps] = {k: float(metrics[k]) for k in DASHBOARD_KEYS if k in metrics}
         # Drawn at the last step and with every checkpoint (so a killed run has one too), not in on_train_end:
         # verl 0.9.1's fit returns after its last step without calling on_train_end.
         if view.saved_this_step or view.is_last_step:
             self._respec_draw_dashboard()
+        if view.is_last_step and self._respec.uses_scheduler:
+            from respec_plugin.integrations.verl.drafter_watchdog import close_controls
+
+            close_controls(view.replicas)
 
     def _respec_draw_dashboard(self) -> None:
         """``<trainer.default_local_dir>/respec_dashboard.png`` of the steps seen; a failure to draw only warns."""
@@ -148,10 +166,10 @@ class ReSpecTrainerMixin:
         super()._load_checkpoint()  # sets global_steps to the restored step (0: none); the replicas exist already
         if self.global_steps < 1 or self._respec is None or not self._respec.tuner.enabled:
             return
-        from respec_plugin.integrations.verl.tuner_replicas import CHECKPOINT_FILE, load_tuners
+        from respec_plugin.integrations.verl.tuner_replicas import load_tuners
 
         view = self._respec_view
-        folder = restore_folder(view.resumed_folder(self.global_steps), self.global_steps, CHECKPOINT_FILE)
+        folder = restore_folder(view.resumed_folder(self.global_steps), self.global_steps, TUNER_STATE_FILE)
         if folder is None or not load_tuners(view.replicas, folder):
             logger.warning("respec tuner: no saved state in the checkpoints up to step %d; starting from the "
                            "default k", self.global_steps)

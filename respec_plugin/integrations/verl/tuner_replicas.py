@@ -10,9 +10,7 @@ from pathlib import Path
 
 import ray
 
-from respec_plugin.core.checkpoint_files import written_atomically
-
-CHECKPOINT_FILE = "respec_tuner.json"
+from respec_plugin.core.checkpoint_files import TUNER_STATE_FILE, written_atomically
 
 
 def update_tuners(replicas) -> dict[str, float]:
@@ -28,13 +26,13 @@ def update_tuners(replicas) -> dict[str, float]:
 def save_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> None:
     states = ray.get([replica.server_handle.tuner_state.remote() for replica in replicas])
     os.makedirs(checkpoint_folder, exist_ok=True)
-    with written_atomically(Path(checkpoint_folder) / CHECKPOINT_FILE) as partial:
+    with written_atomically(Path(checkpoint_folder) / TUNER_STATE_FILE) as partial:
         partial.write_text(json.dumps(states))
 
 
 def load_tuners(replicas, checkpoint_folder: str | os.PathLike[str]) -> bool:
     """Restore the saved states (replica i from state i, extra replicas from the first); False if none saved."""
-    path = os.path.join(checkpoint_folder, CHECKPOINT_FILE)
+    path = os.path.join(checkpoint_folder, TUNER_STATE_FILE)
     if not os.path.isfile(path):
         return False
     with open(path) as f:

@@ -1,4 +1,5 @@
-"""vLLM scheduler that takes its speculative-token schedule from the respec tuner while the engine runs.
+"""vLLM scheduler that takes its speculative-token schedule from the respec server while the engine runs: the tuner's
+k per batch size, or k = 0 everywhere once the acceptance watchdog turned speculation off.
 
 How k reaches the engine (vLLM 0.31 sources):
 - ``SpeculativeConfig.num_speculative_tokens_per_batch_size = [(bs_start, bs_end, k), ...]``
@@ -19,7 +20,8 @@ How k reaches the engine (vLLM 0.31 sources):
   The scheduler then swaps ``dynamic_sd_lookup`` between the two every ``ALTERNATE_BLOCK_STEPS`` steps, so both
   run within seconds of each other, on the same requests, and each step's record says which one ran.
 - The same subclass measures every step (batch size, k, verified drafts, generated tokens, wall time between
-  step ends) and appends the records there: the tuner's cost model is fitted on what the engine really spent.
+  step ends) and appends the records there when the tuner runs: its cost model is fitted on what the engine really
+  spent. A closed (removed) control directory leaves the schedule as it is and stops the records.
 
 Limits, from vLLM: ``VllmConfig._maybe_disable_dynamic_sd_for_data_parallel`` drops the schedule when
 data_parallel_size > 1 (ranks choosing different k deadlock), so then the lookup is None, schedules are ignored
@@ -41,6 +43,7 @@ from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
 from respec_plugin.core.tuner.channel import (
     CONTROL_DIR_KEY,
+    RECORD_STEPS_KEY,
     SCHEDULER_CLS,
     StepRecord,
     append_steps,
@@ -78,10 +81,13 @@ class ReSpecScheduler(Scheduler):
 
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
-        control_dir = (vllm_config.additional_config or {}).get(CONTROL_DIR_KEY)
+        additional_config = vllm_config.additional_config or {}
+        control_dir = additional_config.get(CONTROL_DIR_KEY)
         if not control_dir:
             raise ValueError(f"{SCHEDULER_CLS} needs additional_config[{CONTROL_DIR_KEY!r}] (a directory).")
         self.respec_control_dir = control_dir
+        # Only the tuner reads step records; the watchdog alone just sets k.
+        self._record_steps = bool(additional_config.get(RECORD_STEPS_KEY, True))
         self.respec_schedule_version = -1
         self._schedule_stamp: tuple[int, int, int] | None = None
         # (main, alternate) lookups while a trial runs, and the steps scheduled since they were installed.
@@ -106,7 +112,7 @@ class ReSpecScheduler(Scheduler):
         if self._lookups is not None:
             self.dynamic_sd_lookup = self._lookups[alternate]
         output = super().schedule(*args, **kwargs)
-        if output.total_num_scheduled_tokens > 0:
+        if self._record_steps and output.total_num_scheduled_tokens > 0:
             self._steps_since_install += 1
             num_draft_tokens = sum(len(ids) for ids in output.scheduled_spec_decode_tokens.values())
             self._pending[id(output)] = PendingStep(
@@ -141,17 +147,26 @@ class ReSpecScheduler(Scheduler):
             busy = self.has_unfinished_requests()
             self._busy_since = end if busy else None
             if not busy or end - self._last_flush > _FLUSH_INTERVAL_S:
-                append_steps(self.respec_control_dir, self._records)
-                self._records = []
-                self._last_flush = end
+                self._flush(end)
         return outputs
+
+    def _flush(self, now: float) -> None:
+        try:
+            append_steps(self.respec_control_dir, self._records)
+        except FileNotFoundError:  # the run closed the control directory: nobody reads records any more
+            self._record_steps = False
+        self._records = []
+        self._last_flush = now
 
     def _poll_schedule(self) -> None:
         stamp = schedule_stamp(self.respec_control_dir)
-        if stamp == self._schedule_stamp:
+        if stamp is None or stamp == self._schedule_stamp:  # None: the directory was closed; the schedule stays
             return
         self._schedule_stamp = stamp
-        schedule, version, alternate = read_schedule(self.respec_control_dir)
+        try:
+            schedule, version, alternate = read_schedule(self.respec_control_dir)
+        except FileNotFoundError:  # closed between the stat and the read
+            return
         if self.dynamic_sd_lookup is None:
             return
         try:

@@ -4,12 +4,14 @@ vLLM's own draft-weight API (``start_draft_weight_update`` / ``update_weights`` 
 vllm/v1/worker/gpu_worker.py) runs only through a configured weight-transfer engine (NCCL or CUDA IPC),
 which verl's colocated rollout does not set up and which does not exist on CPU. So the drafter is loaded here,
 in the worker, through ``get_draft_model().load_weights`` — the same loader vLLM uses at start-up — after a
-validation pass and with a snapshot to roll back to, so a bad push never leaves a half-loaded drafter.
+validation pass and with a snapshot to roll back to, so a bad push never leaves a half-loaded drafter. A host copy of
+the last good version stays here for the acceptance watchdog to restore (respec_plugin/core/drafter/watchdog.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -17,16 +19,21 @@ import torch
 from verl.utils.device import get_device_name
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 
+from respec_plugin.core.drafter.checks import INDEX_TENSOR_NAMES
 from respec_plugin.integrations.vllm.drafter_transfer import drafter_ipc_handle
 
 logger = logging.getLogger(__name__)
 
-# Integer tensors a drafter checkpoint may carry (EAGLE-3 draft-to-target vocabulary maps).
-_INDEX_TENSOR_NAMES = ("d2t", "t2d")
-
 
 class DrafterPushError(RuntimeError):
     """A drafter version that cannot be served; the previous version stays loaded."""
+
+
+class KeptDrafter(NamedTuple):
+    """A drafter version as loaded (checkpoint names, host tensors)."""
+
+    version: int
+    weights: list[tuple[str, torch.Tensor]]
 
 
 class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
@@ -93,7 +100,27 @@ class ReSpecWorkerExtension(vLLMColocateWorkerExtension):
             raise DrafterPushError(f"drafter version {version} rejected, previous version kept: {e}") from e
         if skipped:
             logger.warning("drafter v%d: ignored %s (shared with the actor, never overwritten)", version, skipped)
+        # A host copy of what was loaded, for the watchdog to restore from (the device copy may go bad in place).
+        kept = [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in to_load]
+        self._respec_loaded = KeptDrafter(version, kept)
+        if getattr(self, "_respec_good", None) is None:
+            self._respec_good = self._respec_loaded
         return {"version": version, "loaded": len(to_load), "skipped_shared": skipped}
+
+    def respec_mark_drafter_good(self, version: int) -> None:
+        """A rollout served by drafter ``version`` held acceptance: it becomes the copy :meth:`respec_restore_drafter`
+        goes back to."""
+        loaded = getattr(self, "_respec_loaded", None)
+        if loaded is not None and loaded.version == version:
+            self._respec_good = loaded
+
+    def respec_restore_drafter(self) -> dict:
+        """Reload the last good drafter's host copy (validated again, all or nothing) over whatever the engine holds
+        now; the watchdog calls this when acceptance collapsed."""
+        good = getattr(self, "_respec_good", None)
+        if good is None:
+            raise DrafterPushError("no drafter was loaded into this engine, so there is none to restore")
+        return self._respec_load(good.weights, good.version)
 
 
 def _params_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -108,7 +135,7 @@ def _params_shared_with_target(drafter: torch.nn.Module, target: torch.nn.Module
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:
-    if name.split(".")[-1] in _INDEX_TENSOR_NAMES:
+    if name.split(".")[-1] in INDEX_TENSOR_NAMES:
         if tensor.is_floating_point():
             raise DrafterPushError(f"{name}: index map must be an integer tensor, got {tensor.dtype}")
         return

@@ -3,7 +3,15 @@ checkpoint lacks it (a run killed between verl's save and respec's), and all-or-
 
 import pytest
 
-from respec_plugin.core.checkpoint_files import restore_folder, step_folder, written_atomically
+from respec_plugin.core.checkpoint_files import (
+    ACTOR_DIR,
+    LEARNER_STATE_DIR,
+    TUNER_STATE_FILE,
+    prune_orphaned_state,
+    restore_folder,
+    step_folder,
+    written_atomically,
+)
 
 NAME = "respec_learner"
 
@@ -62,3 +70,20 @@ def test_written_atomically_replaces_or_leaves_the_old_state(tmp_path):
     assert (directory / "drafter").read_text() == "v2"
     # The killed save's leftover is cleared by the next save; the directory saves left none.
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAME, "state.json", "state.json.partial"]
+
+
+def test_respec_state_is_pruned_with_the_trainers_checkpoint(tmp_path):
+    for step in (10, 20, 30):
+        folder = tmp_path / f"global_step_{step}"
+        (folder / ACTOR_DIR).mkdir(parents=True)
+        (folder / LEARNER_STATE_DIR).mkdir()
+        (folder / TUNER_STATE_FILE).write_text("[]")
+    # The trainer kept two checkpoints: it removed step 10's actor folder; step 20 also holds a file of someone else.
+    (tmp_path / "global_step_10" / ACTOR_DIR).rmdir()
+    (tmp_path / "global_step_20" / ACTOR_DIR).rmdir()
+    (tmp_path / "global_step_20" / "data.pt").write_text("x")
+    assert sorted(p.name for p in prune_orphaned_state(tmp_path)) == ["global_step_10", "global_step_20"]
+    assert not (tmp_path / "global_step_10").exists()
+    assert sorted(p.name for p in (tmp_path / "global_step_20").iterdir()) == ["data.pt"]
+    assert (tmp_path / "global_step_30" / LEARNER_STATE_DIR).is_dir()
+    assert prune_orphaned_state(tmp_path) == []

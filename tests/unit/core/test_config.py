@@ -21,7 +21,9 @@ class _Actor:
 
 def test_eagle3_block_builds_vllm_speculative_config(drafter_dir):
     cfg = ReSpecConfig.from_mapping({"drafter_path": drafter_dir, "num_speculative_tokens": 4})
-    assert cfg.speculative_config() == {"method": "eagle3", "num_speculative_tokens": 4, "model": drafter_dir}
+    # The watchdog's scheduler (on by default) needs vLLM's per-batch-size schedule: one entry, the configured k.
+    assert cfg.speculative_config() == {"method": "eagle3", "num_speculative_tokens": 4, "model": drafter_dir,
+                                        "num_speculative_tokens_per_batch_size": [(1, 1, 4)]}
     cfg.check_against_actor(_Actor())
 
 
@@ -85,3 +87,24 @@ def test_installed_vllm_supports_every_respec_method(drafter_dir):
     for method in ("eagle3", "draft_model"):
         check_vllm_supports(ReSpecConfig.from_mapping({"method": method, "drafter_path": drafter_dir}))
     check_vllm_supports(ReSpecConfig.from_mapping({"method": "ngram"}))
+
+
+def test_a_speculators_drafter_for_another_actor_is_refused(tmp_path):
+    # The speculators format keeps the layer's sizes under transformer_layer_config, its top-level ones are null.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "speculators_model_type": "eagle3", "target_hidden_size": None,
+        "transformer_layer_config": {"vocab_size": 512, "hidden_size": 64}}))
+    cfg = ReSpecConfig.from_mapping({"drafter_path": str(tmp_path)})
+    cfg.check_against_actor(_Actor())
+
+    class OtherActor(_Actor):
+        vocab_size = 151936
+
+    with pytest.raises(ReSpecConfigError, match="vocab_size is 512 but the actor's is 151936"):
+        cfg.check_against_actor(OtherActor())
+
+    class WiderActor(_Actor):
+        hidden_size = 128
+
+    with pytest.raises(ReSpecConfigError, match="hidden size 64 but the actor's is 128"):
+        cfg.check_against_actor(WiderActor())

@@ -138,6 +138,25 @@ def test_run_logged_kills_the_whole_run_after_a_step(tmp_path: Path) -> None:
     assert not _alive(int(result.log_path.read_text().split()[1]))
 
 
+def test_run_logged_kills_the_run_as_it_marks_a_checkpoint_the_latest(tmp_path: Path) -> None:
+    # The run marks checkpoint 2, then would log step 2 a moment later: the kill lands in between.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "root = Path(sys.argv[1])\n"
+        "for step in (1, 2):\n"
+        "    time.sleep(0.5)\n"
+        "    (root / 'latest_checkpointed_iteration.txt').write_text(str(step))\n"
+        "    time.sleep(0.3)\n"
+        "    print(f'step:{step} - a:1', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    result = run_logged([sys.executable, "-c", script, str(tmp_path)], {}, tmp_path / "run.log", timeout_s=60,
+                        kill_at_checkpoint=(tmp_path, 2))
+    assert result.returncode == -signal.SIGKILL and result.wall_s < 30
+    assert result.metrics == {1: {"a": 1.0}}
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a killed orphan may await reaping
