@@ -16,18 +16,18 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from respec_plugin.core.drafter.day0 import config_for_actor
-from respec_plugin.core.drafter.eagle3 import Eagle3Drafter, draft_vocab_from_counts, init_from_actor
-from respec_plugin.core.drafter.io import save_drafter
-from respec_plugin.core.drafter.warmup import DistillSpec, distill, precompute_features, warmup_loss
+from respec_plugin.core.drafter.warmup import DistillSpec
 from respec_lab.data import MathDataSpec, read_problems, write_math_data
+from respec_lab.drafters import BuiltDrafters, DrafterSpec, build_drafters
+from respec_lab.real_model_lab import RealModelPreset, build_real_model_lab
+from respec_lab.registry_model import SMOLLM2_135M_INSTRUCT
+from respec_lab.stopwatch import Stopwatch
 from respec_lab.models import (
     ActorSpec,
     SupervisionSpec,
@@ -51,16 +51,6 @@ MAX_NEW_TOKENS = 96
 
 
 @dataclass(frozen=True)
-class DrafterSpec:
-    """The EAGLE-3 drafter of the lab and its offline warm-up on the actor's own sampled outputs."""
-
-    draft_vocab_size: int
-    eagle_aux_hidden_state_layer_ids: tuple[int, ...]
-    num_warmup_sequences: int
-    distill: DistillSpec
-
-
-@dataclass(frozen=True)
 class LabPreset:
     """Everything that determines a lab build (its hash names the cache directory)."""
 
@@ -75,7 +65,7 @@ class LabPreset:
     seed: int
 
 
-PRESETS: dict[str, LabPreset] = {
+PRESETS: dict[str, LabPreset | RealModelPreset] = {
     # Mechanics (tests): the smallest lab, quick to build on a few CPU cores.
     "tiny": LabPreset(
         data=MathDataSpec(num_train=2048, num_val=64, max_operand=10, seed=0),
@@ -103,6 +93,23 @@ PRESETS: dict[str, LabPreset] = {
                             distill=DistillSpec(steps=200, batch_size=16, learning_rate=3e-3, num_draft_steps=3,
                                                 seed=0)),
         num_eval_problems=128,
+        seed=0,
+    ),
+    # The real-model lab: a pretrained 135 M-parameter actor, whose decode step costs what a real model's does, so
+    # speculation can pay where a rollout thins out (benchmarks/rollout_real.py).
+    "smollm2": RealModelPreset(
+        model=SMOLLM2_135M_INSTRUCT,
+        data=MathDataSpec(num_train=4096, num_val=256, max_operand=10, seed=0),
+        num_shots=3,
+        max_response_length=512,
+        num_reward_problems=64,
+        samples_per_prompt=4,
+        drafter=DrafterSpec(draft_vocab_size=2048, eagle_aux_hidden_state_layer_ids=(), num_warmup_sequences=384,
+                            distill=DistillSpec(steps=240, batch_size=16, learning_rate=2e-3, num_draft_steps=3,
+                                                seed=0)),
+        drafter_response_tokens=160,
+        drafter_context_tokens=32,
+        num_held_out_sequences=48,
         seed=0,
     ),
 }
@@ -188,23 +195,19 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _build(preset: str, spec: LabPreset, out: Path) -> None:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        timings[name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
-        logger.info("lab %s: %s done in %.1f s", preset, name, timings[name])
-
+def _build(preset: str, spec: LabPreset | RealModelPreset, out: Path) -> None:
+    stopwatch = Stopwatch(f"lab {preset}")
+    if isinstance(spec, RealModelPreset):
+        built = build_real_model_lab(spec, {name: out / relative for name, relative in _LAYOUT.items()}, stopwatch)
+        _write_manifest(preset, spec, out, built.actor, built.drafters, {**built.metrics, "build_s": stopwatch.report()})
+        return
     with _single_thread():
         torch.manual_seed(spec.seed)
         (out / "data").mkdir()
         write_math_data(spec.data, out / _LAYOUT["train_parquet"], out / _LAYOUT["val_parquet"])
         train, val = read_problems(out / _LAYOUT["train_parquet"]), read_problems(out / _LAYOUT["val_parquet"])
         tokenizer = train_tokenizer(tokenizer_corpus(train), spec.tokenizer_vocab_size)
-        lap("data_and_tokenizer")
+        stopwatch.lap("data_and_tokenizer")
 
         actor = build_actor(spec.actor, tokenizer, spec.seed)
         sft_losses = supervise_actor(actor, supervised_examples(tokenizer, train), spec.supervision,
@@ -212,50 +215,43 @@ def _build(preset: str, spec: LabPreset, out: Path) -> None:
         actor = expand_depth(actor, spec.depth_expansion)
         actor.save_pretrained(out / _LAYOUT["actor_dir"])
         tokenizer.save_pretrained(out / _LAYOUT["actor_dir"])
-        lap("actor_supervision")
+        stopwatch.lap("actor_supervision")
 
         eval_problems = val[: spec.num_eval_problems]
         eval_prompts = [chat_prompt_ids(tokenizer, p.question) for p in eval_problems]
         accuracy = {f"accuracy_temperature_{t:g}": _accuracy(actor, tokenizer, eval_prompts, eval_problems, t, spec.seed)
                     for t in (0.0, 1.0)}
         logger.info("lab %s: actor accuracy %s", preset, accuracy)
-        lap("actor_evaluation")
+        stopwatch.lap("actor_evaluation")
 
         # Warm-up data: the actor's own rollouts at temperature 1 (what GRPO samples), then held-out ones.
         warmup_prompts = [chat_prompt_ids(tokenizer, p.question) for p in train[: spec.drafter.num_warmup_sequences]]
         warmup = _rollouts(actor, tokenizer, warmup_prompts, spec.seed)
         held_out = _rollouts(actor, tokenizer, eval_prompts, spec.seed + 1)
-        lap("actor_rollouts")
+        stopwatch.lap("actor_rollouts")
 
-        counts = torch.bincount(warmup[0][warmup[2]], minlength=actor.config.vocab_size)
-        drafter_config = config_for_actor(actor.config.to_dict(), spec.drafter.draft_vocab_size,
-                                          spec.drafter.eagle_aux_hidden_state_layer_ids)
-        drafter = init_from_actor(drafter_config, actor.get_output_embeddings().weight,
-                                  draft_vocab_from_counts(counts, drafter_config.draft_vocab_size), spec.seed)
-        save_drafter(drafter, out / _LAYOUT["day0_drafter_dir"], drafter_version=0)
-        day0_acceptance = _offline_acceptance(actor, drafter, held_out, spec.drafter.distill.num_draft_steps)
+        drafters = build_drafters(actor, warmup, held_out, spec.drafter, out / _LAYOUT["day0_drafter_dir"],
+                                  out / _LAYOUT["drafter_dir"], spec.seed)
+        stopwatch.lap("drafter_warmup")
 
-        features = precompute_features(actor, drafter, warmup[0], warmup[1], batch_size=64)
-        distill_losses = distill(drafter, warmup[0], features, warmup[2], spec.drafter.distill)
-        save_drafter(drafter, out / _LAYOUT["drafter_dir"], drafter_version=1)
-        warm_acceptance = _offline_acceptance(actor, drafter, held_out, spec.drafter.distill.num_draft_steps)
-        lap("drafter_warmup")
+    metrics = {
+        **accuracy,
+        "actor_final_sft_loss": round(sum(sft_losses[-20:]) / len(sft_losses[-20:]), 4),
+        **drafters.metrics,
+        "build_s": stopwatch.report(),
+    }
+    _write_manifest(preset, spec, out, actor, drafters, metrics)
 
+
+def _write_manifest(preset: str, spec: LabPreset | RealModelPreset, out: Path, actor, drafters: BuiltDrafters,
+                    metrics: dict) -> None:
     sizes = {
         "actor_params": sum(p.numel() for p in actor.parameters()),
         "actor_layers": actor.config.num_hidden_layers,
         "actor_hidden_size": actor.config.hidden_size,
         "vocab_size": actor.config.vocab_size,
-        "drafter_params": sum(p.numel() for p in drafter.parameters()),
-        "draft_vocab_size": drafter_config.draft_vocab_size,
-    }
-    metrics = {
-        **accuracy,
-        "actor_final_sft_loss": round(sum(sft_losses[-20:]) / len(sft_losses[-20:]), 4),
-        "drafter_final_loss": round(sum(distill_losses[-20:]) / len(distill_losses[-20:]), 4),
-        "offline_acceptance_day0": day0_acceptance,
-        "offline_acceptance_warmed": warm_acceptance,
-        "build_s": {**timings, "total": round(sum(timings.values()), 1)},
+        "drafter_params": sum(p.numel() for p in drafters.drafter.parameters()),
+        "draft_vocab_size": drafters.drafter.config.draft_vocab_size,
     }
     manifest = {"preset": preset, "lab_version": LAB_VERSION, "spec": asdict(spec), "sizes": sizes, "metrics": metrics}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -279,13 +275,3 @@ def _accuracy(actor, tokenizer, prompts, problems, temperature: float, seed: int
     scores = [default_compute_score("openai/gsm8k", text, str(p.answer)) for text, p in zip(texts, problems)]
     return round(sum(scores) / len(scores), 4)
 
-
-@torch.no_grad()
-def _offline_acceptance(actor, drafter: Eagle3Drafter, rollouts, num_draft_steps: int) -> list[dict[str, float]]:
-    """Per draft step, on held-out rollouts of the actor (sampled at temperature 1): the warm-up objective's
-    statistics, i.e. the forward KL (``divergence``), ``tv`` (1 - acceptance of a draft sampled from the drafter),
-    ``greedy_acceptance`` (of the greedy draft vLLM proposes) and its ceiling."""
-    input_ids, attention_mask, response_mask = rollouts
-    features = precompute_features(actor, drafter, input_ids, attention_mask, batch_size=64)
-    _, by_step = warmup_loss(drafter, input_ids, features, response_mask, num_draft_steps)
-    return [{name: round(value, 4) for name, value in step.means().items()} for step in by_step]

@@ -1,12 +1,14 @@
 """Synthetic grade-school math word problems in verl's GSM8K parquet schema.
 
 The lab cannot download GSM8K, so it generates look-alike problems (1-2 arithmetic steps, short step-by-step
-solutions ending in ``#### <answer>``) that verl's own ``openai/gsm8k`` rule reward scores.
+solutions ending in ``#### <answer>``) that verl's own ``openai/gsm8k`` rule reward scores. A prompt may open with
+worked examples as earlier chat turns (few-shot), which a small pretrained actor needs to answer in that format.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +111,34 @@ def generate_problems(num_problems: int, max_operand: int, seed: int) -> list[Ma
     return [rng.choice(_TEMPLATES)(rng, max_operand) for _ in range(num_problems)]
 
 
+def few_shot_examples(num_shots: int, max_operand: int, seed: int) -> list[MathProblem]:
+    """``num_shots`` worked examples, one per template in turn, so the examples show every kind of problem asked."""
+    rng = random.Random(seed)
+    return [_TEMPLATES[i % len(_TEMPLATES)](rng, max_operand) for i in range(num_shots)]
+
+
 def prompt_text(question: str) -> str:
     """The user message verl's GSM8K preprocessing builds from a question."""
     return f"{question} {INSTRUCTION}"
 
 
-def to_verl_frame(problems: list[MathProblem], split: str) -> pd.DataFrame:
-    """Rows in the schema of verl's examples/data_preprocess/gsm8k.py (what verl's RL dataset reads)."""
+def prompt_messages(question: str, shots: Sequence[MathProblem] = ()) -> list[dict[str, str]]:
+    """The chat prompt of a question: each worked example in ``shots`` as a user turn and the assistant's reference
+    solution, then the question, every user turn phrased as verl's GSM8K preprocessing phrases it."""
+    messages = []
+    for shot in shots:
+        messages += [{"role": "user", "content": prompt_text(shot.question)},
+                     {"role": "assistant", "content": shot.solution}]
+    return messages + [{"role": "user", "content": prompt_text(question)}]
+
+
+def to_verl_frame(problems: list[MathProblem], split: str, shots: Sequence[MathProblem] = ()) -> pd.DataFrame:
+    """Rows in the schema of verl's examples/data_preprocess/gsm8k.py (what verl's RL dataset reads); ``shots`` open
+    every prompt as worked examples."""
     return pd.DataFrame([
         {
             "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": prompt_text(p.question)}],
+            "prompt": prompt_messages(p.question, shots),
             "ability": "math",
             "reward_model": {"style": "rule", "ground_truth": str(p.answer)},
             "extra_info": {"split": split, "index": i, "answer": p.solution, "question": p.question},
@@ -128,10 +147,19 @@ def to_verl_frame(problems: list[MathProblem], split: str) -> pd.DataFrame:
     ])
 
 
-def write_math_data(spec: MathDataSpec, train_parquet: Path, val_parquet: Path) -> None:
-    """Writes disjointly seeded train and validation parquet files."""
-    to_verl_frame(generate_problems(spec.num_train, spec.max_operand, spec.seed), "train").to_parquet(train_parquet)
-    to_verl_frame(generate_problems(spec.num_val, spec.max_operand, spec.seed + 1), "test").to_parquet(val_parquet)
+def write_math_data(spec: MathDataSpec, train_parquet: Path, val_parquet: Path, num_shots: int = 0) -> None:
+    """Writes disjointly seeded train and validation parquet files; with ``num_shots``, every prompt opens with the
+    same worked examples (seeded apart from both splits)."""
+    shots = few_shot_examples(num_shots, spec.max_operand, spec.seed + 2)
+    to_verl_frame(generate_problems(spec.num_train, spec.max_operand, spec.seed), "train", shots).to_parquet(
+        train_parquet)
+    to_verl_frame(generate_problems(spec.num_val, spec.max_operand, spec.seed + 1), "test", shots).to_parquet(
+        val_parquet)
+
+
+def read_prompts(parquet: Path) -> list[list[dict[str, str]]]:
+    """Every row's chat prompt (its messages), as verl's RL dataset reads it."""
+    return [[dict(message) for message in prompt] for prompt in pd.read_parquet(parquet)["prompt"]]
 
 
 def read_problems(parquet: Path) -> list[MathProblem]:

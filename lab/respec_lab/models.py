@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from respec_plugin.core.drafter.warmup import train_offline
-from respec_lab.data import MathProblem, prompt_text
+from respec_lab.data import MathProblem, prompt_messages, prompt_text
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
@@ -80,10 +80,15 @@ def tokenizer_corpus(problems: Sequence[MathProblem]) -> list[str]:
     return ["system user assistant"] + [f"{prompt_text(p.question)}\n{p.solution}" for p in problems]
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a chat prompt exactly as verl builds them (chat template with the generation prompt)."""
+    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerFast, question: str) -> list[int]:
-    """Token ids of the prompt exactly as verl builds it (chat template with the generation prompt)."""
-    messages = [{"role": "user", "content": prompt_text(question)}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    """Token ids of a question's prompt without worked examples, as verl builds it."""
+    return prompt_ids(tokenizer, prompt_messages(question))
 
 
 def build_actor(spec: ActorSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> Qwen2ForCausalLM:

@@ -48,7 +48,7 @@ def test_manifest_reports_sizes_and_measurements(tiny_lab):
 
 
 def test_unknown_preset_names_value_and_fix():
-    with pytest.raises(ValueError, match="'huge' is unknown: use one of demo, tiny"):
+    with pytest.raises(ValueError, match="'huge' is unknown: use one of demo, smollm2, tiny"):
         build_lab("huge")
 
 

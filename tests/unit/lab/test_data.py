@@ -5,7 +5,14 @@ import pandas as pd
 import pytest
 from verl.utils.reward_score import default_compute_score
 
-from respec_lab.data import INSTRUCTION, MathDataSpec, generate_problems, read_problems, write_math_data
+from respec_lab.data import (
+    INSTRUCTION,
+    MathDataSpec,
+    generate_problems,
+    read_problems,
+    read_prompts,
+    write_math_data,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +61,18 @@ def test_generation_is_seeded_and_covers_every_template():
 def test_bad_max_operand_names_value_and_fix():
     with pytest.raises(ValueError, match="max_operand=1"):
         generate_problems(4, 1, seed=0)
+
+
+def test_few_shot_prompts_open_with_the_same_worked_examples(tmp_path):
+    write_math_data(MathDataSpec(num_train=8, num_val=4, max_operand=10, seed=3), tmp_path / "train.parquet",
+                    tmp_path / "val.parquet", num_shots=3)
+    train, val = read_prompts(tmp_path / "train.parquet"), read_prompts(tmp_path / "val.parquet")
+    questions = [p.question for p in read_problems(tmp_path / "train.parquet")]
+    for messages, question in zip(train, questions):
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 3 + ["user"]
+        assert messages[-1]["content"] == f"{question} {INSTRUCTION}"
+        assert messages[:-1] == train[0][:-1] == val[0][:-1]
+    shots = train[0][:-1]
+    for answer in shots[1::2]:  # worked examples end in GSM8K's answer format, and show three kinds of problem
+        assert "\n#### " in answer["content"]
+    assert {op for m in shots[1::2] for op in ("+", "-", "*") if f" {op} " in m["content"]} == {"+", "-", "*"}
