@@ -25,7 +25,6 @@ benchmarks/results/tuner_sweep.json (medians, ratios and every sample) and .png.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import random
@@ -34,14 +33,14 @@ import time
 from pathlib import Path
 
 import common
-from respec_plugin.core.config import ReSpecConfig, TunerConfig
+import spec_engines
+from respec_plugin.core.config import TunerConfig
 from respec_lab.build import build_lab
 from respec_lab.data import read_problems
 from respec_lab.models import chat_prompt_ids
 from respec_plugin.core.spec_stats import RequestSpecStats
-from respec_plugin.core.tuner.channel import take_steps, write_schedule
+from respec_plugin.core.tuner.channel import take_steps
 from respec_plugin.core.tuner.policy import Tuner
-from respec_plugin.core.tuner.service import EngineControl, EngineTuner
 
 PARTIAL = "tuner_sweep.partial"  # benchmarks/results/tuner_sweep.partial.json: a run cut short
 BATCH_SIZES = (1, 4, 16, 64, 256)
@@ -51,27 +50,8 @@ MAX_NUM_SEQS = 256
 
 
 def engine(lab, tuned: bool):
-    """(LLM, control directory): a plain engine (no directory), or an EAGLE-3 one set up by the same code as respec's
-    server with the tuner on (speculative config, scheduler, control directory, model runner)."""
-    from vllm import LLM
-
-    kwargs = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.3,
-                  kv_cache_memory_bytes=2 << 30, seed=0, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=4096)
-    if not tuned:
-        return LLM(model=lab.actor_dir, **kwargs), None
-    respec = ReSpecConfig(drafter_path=lab.drafter_dir, num_speculative_tokens=K_MAX,
-                          tuner=TunerConfig(mode="static", k_max=K_MAX))
-    control = EngineControl(K_MAX, MAX_NUM_SEQS, record_steps=True, k0_skips_drafter=respec.tuner.k0_skips_drafter)
-    engine_tuner = EngineTuner(respec, control)  # only its engine set-up: the benchmark drives the schedules
-    kwargs.update(speculative_config=respec.speculative_config(), per_request_spec_decode_metrics="detailed")
-    engine_tuner.configure_engine(kwargs, data_parallel_size=1)
-    return LLM(model=lab.actor_dir, **kwargs), control.control_dir
-
-
-def shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    """(LLM, control directory): the plain engine, or the EAGLE-3 one with respec's scheduler (spec_engines)."""
+    return spec_engines.engine(lab, speculative=tuned, k_max=K_MAX, max_num_seqs=MAX_NUM_SEQS)
 
 
 def generate(llm, prompts, lengths) -> tuple[int, float, list[RequestSpecStats]]:
@@ -129,11 +109,6 @@ def save_partial(report: dict) -> None:
     common.write_results(PARTIAL, report)
 
 
-def install(control_dir: str, schedule, version: int, alternate=None) -> None:
-    write_schedule(control_dir, schedule, version, alternate)
-    take_steps(control_dir)  # steps of earlier runs are not the tuner's evidence
-
-
 def run(args) -> dict:
     from transformers import AutoTokenizer
 
@@ -156,7 +131,7 @@ def run(args) -> dict:
     tuner.version = 1
     calibration = []
     for round_index in range(args.calibration_rounds):
-        install(control_dir, tuner.current_schedule(), tuner.version, tuner.alternate_schedule())
+        spec_engines.install(control_dir, tuner.current_schedule(), tuner.version, tuner.alternate_schedule())
         records, speeds = [], {}
         for b in BATCH_SIZES:
             speeds[str(b)], r = measure_sweep(speculative, workloads, b)
@@ -188,7 +163,7 @@ def run(args) -> dict:
         nonlocal version, trace
         if name != "sd_off":
             version += 1
-            install(control_dir, schedules[name], version)
+            spec_engines.install(control_dir, schedules[name], version)
         tokens_per_s = measure_cell(plain if name == "sd_off" else speculative, workloads, cell)
         steps = take_steps(control_dir)  # none unless the EAGLE-3 engine ran
         if keep:
@@ -217,7 +192,7 @@ def run(args) -> dict:
                       "engine_steps": engine_steps, "long_tail_trace": trace})
         logging.info("repeat %d of %d measured", repeat + 1, args.repeats)
     for llm in (speculative, plain):
-        shutdown(llm)
+        spec_engines.shutdown(llm)
 
     return summarize({**report, "calibration": calibration, "samples": samples, "relative_to_tuner": relative,
                       "engine_steps": engine_steps, "long_tail_trace": trace})
