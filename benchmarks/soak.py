@@ -1,0 +1,306 @@
+"""A long run with nothing leaking: 100 GRPO steps on the tiny lab with the learner and the tuner on, a checkpoint
+every 10 steps (verl keeps the last two), and one SIGKILL + resume in the middle.
+
+    python benchmarks/soak.py [--steps 100] [--kill-at 50] [--save-freq 10]
+
+While verl runs, every second the benchmark reads /proc for every process of the run (the driver, verl's Ray
+workers, the vLLM engines): its resident memory and open file descriptors, tagged with the step verl last logged.
+After each step it also measures respec's files on disk (its state in the checkpoints, the tuner's control
+directories). Per process role it fits a line through the per-step peaks (steps after the first 10, each run on its
+own) and reports the slope per 100 steps. The kill comes within milliseconds of verl marking the step-50
+checkpoint as the latest, inside that step (before its weight sync and metrics): the moment a run lost respec's state
+when respec wrote it after verl's marker. Across it the benchmark checks that nothing is lost: the resumed run
+continues at the step after the checkpoint, restores the learner's and the tuner's state from that very checkpoint,
+carries on the learner's counters, and serves no older drafter than the killed run had. Writes
+``benchmarks/results/soak.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import statistics
+import tempfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import common
+from respec_lab.build import build_lab
+from respec_lab.launch import grpo_command, parse_console_metrics, respec_overrides, run_logged
+
+ROLES = (("driver", "TaskRunner"), ("actor_worker", "WorkerDict"), ("vllm_server", "ReSpecHttpServer"),
+         ("vllm_engine_core", "EngineCore"), ("vllm_worker", "VLLM::Worker"), ("agent_loop", "AgentLoopWorker"),
+         ("reward", "Reward"), ("transfer_queue", "Storage"))
+CONTROL_DIRS = os.path.join(tempfile.gettempdir(), "respec-control-*")
+
+
+def role(command_line: str) -> str | None:
+    for name, marker in ROLES:
+        if marker in command_line:
+            return name
+    return None
+
+
+def _session_processes(session_id: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[3]) == session_id:
+                        pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return pids
+
+
+def _sample(pid: int) -> tuple[str, float, int] | None:
+    """(role, RSS in MB, open file descriptors) of one process, None if it is gone or has no role."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        name = role(command) or role(Path(f"/proc/{pid}/comm").read_text())
+        if name is None:
+            return None
+        rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+        return name, rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, AttributeError):
+        return None
+
+
+def respec_disk_bytes(checkpoints: Path) -> int:
+    """respec's files: its state in every checkpoint folder, the dashboard, the tuner's control directories."""
+    paths = [*checkpoints.glob("global_step_*/respec_*"), *checkpoints.glob("respec_*"),
+             *map(Path, glob.glob(CONTROL_DIRS))]
+    total = 0
+    for path in paths:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        total += sum(p.stat().st_size for p in files if p.exists())
+    return total
+
+
+class Monitor(threading.Thread):
+    """Samples the run's processes every ``interval_s`` until stopped; per step, the peak per role."""
+
+    def __init__(self, log_path: Path, checkpoints: Path, interval_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.log_path, self.checkpoints, self.interval_s = log_path, checkpoints, interval_s
+        self.session_id: int | None = None
+        self.per_step: dict[int, dict] = defaultdict(lambda: {"rss_mb": {}, "fds": {}})
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            if self.session_id is None or not self.log_path.exists():
+                continue
+            steps = parse_console_metrics(self.log_path.read_text(errors="replace"))
+            step = (max(steps) + 1) if steps else 1  # the step being run now
+            record = self.per_step[step]
+            totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+            for pid in _session_processes(self.session_id):
+                sample = _sample(pid)
+                if sample is not None:
+                    name, rss, fds = sample
+                    totals[name][0] += rss
+                    totals[name][1] += fds
+            for name, (rss, fds) in totals.items():
+                record["rss_mb"][name] = max(record["rss_mb"].get(name, 0.0), rss)
+                record["fds"][name] = max(record["fds"].get(name, 0), fds)
+            record["respec_disk_bytes"] = respec_disk_bytes(self.checkpoints)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+
+
+def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, stock: bool = False,
+             steps: int | None = None) -> tuple[dict, dict]:
+    """One GRPO run (killed as it marks checkpoint ``kill_at`` the latest, or to the end), monitored; its metrics
+    and samples. ``stock``: verl's own vLLM rollout instead of respec's, for the baseline."""
+    respec = [] if stock else respec_overrides(
+        drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
+        tuner={"mode": "adaptive", "k_max": 4, "min_steps": 2},
+        learner={"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4})
+    argv, env = grpo_command(
+        lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
+        rollout_name="vllm" if stock else "respec", total_steps=steps or args.steps, train_batch_size=4, n=4,
+        max_response_length=48,
+        extra_overrides=[
+            *respec,
+            f"trainer.save_freq={args.save_freq}", "trainer.resume_mode=auto",
+            f"trainer.max_actor_ckpt_to_keep={args.keep}",
+        ])
+    log_path = experiment_dir / log_name
+    monitor = Monitor(log_path, experiment_dir / "checkpoints")
+    monitor.start()
+    try:
+        kill = None if kill_at is None else (experiment_dir / "checkpoints", kill_at)
+        result = run_logged(argv, env, log_path, timeout_s=args.timeout_s, kill_at_checkpoint=kill,
+                            on_start=lambda pid: setattr(monitor, "session_id", pid))
+    finally:
+        monitor.stop()
+    return result.metrics, dict(monitor.per_step)
+
+
+def _slope_per_100(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 3:
+        return None
+    xs, ys = zip(*points)
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    return 100 * sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var if var else None
+
+
+def slopes(runs: list[dict], key: str, warmup: int) -> dict[str, float | None]:
+    """Per role, the slope per 100 steps of the per-step peaks, fitted on each run's steps after ``warmup`` and
+    averaged over the runs (a resumed run starts its processes afresh)."""
+    by_role: dict[str, list[float]] = defaultdict(list)
+    for samples in runs:
+        first = min(samples) if samples else 0
+        names = {name for record in samples.values() for name in record[key]}
+        for name in names:
+            points = [(step, record[key][name]) for step, record in sorted(samples.items())
+                      if step > first + warmup and name in record[key]]
+            slope = _slope_per_100(points)
+            if slope is not None:
+                by_role[name].append(slope)
+    return {name: statistics.fmean(values) for name, values in sorted(by_role.items())}
+
+
+def lost_after_resume(killed: dict, resumed: dict, kill_at: int, resumed_log: str) -> dict[str, bool]:
+    """What the resumed run should carry on from the one killed at checkpoint ``kill_at`` (each True when kept)."""
+    first = min(resumed) if resumed else None
+    before = killed.get(kill_at - 1, {})
+    cont = resumed.get(first, {})
+    folder = Path(f"global_step_{kill_at}")
+    return {
+        "killed_inside_the_checkpointed_step": kill_at not in killed and kill_at - 1 in killed,
+        "resumed_at_the_step_after_the_checkpoint": first == kill_at + 1,
+        "learner_state_restored_from_that_checkpoint":
+            f"{folder.name}/respec_learner: drafter v" in resumed_log,
+        "tuner_state_restored_from_that_checkpoint": ("respec tuner: no saved state" not in resumed_log
+                                                      and "restoring it from step" not in resumed_log),
+        "learner_counters_continue": (cont.get("respec/learner/published_version", -1)
+                                      + cont.get("respec/learner/rejected_versions", -1)) == kill_at + 1,
+        "no_older_drafter_served": (cont.get("respec/drafter_version", -1)
+                                    >= before.get("respec/learner/published_version", 0)),
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    plt = common.pyplot()
+    fig, (ax_rss, ax_fds, ax_disk, ax_step) = plt.subplots(1, 4, figsize=(22, 4))
+    for run_name, samples in report["samples"].items():
+        steps = sorted(int(s) for s in samples)
+        roles = sorted({name for record in samples.values() for name in record["rss_mb"]})
+        for i, name in enumerate(roles):
+            style = {"color": f"C{i}", "linestyle": "-" if run_name == "killed" else "--"}
+            ax_rss.plot(steps, [samples[str(s)]["rss_mb"].get(name) for s in steps], label=f"{name} ({run_name})",
+                        **style)
+            ax_fds.plot(steps, [samples[str(s)]["fds"].get(name) for s in steps], **style)
+        ax_disk.plot(steps, [samples[str(s)].get("respec_disk_bytes", 0) / 1e6 for s in steps], label=run_name)
+    base = report.get("baseline_stock_vllm")
+    if base:
+        samples = base["samples"]
+        steps = sorted(int(s) for s in samples)
+        for name in sorted({name for record in samples.values() for name in record["rss_mb"]}):
+            ax_rss.plot(steps, [samples[str(s)]["rss_mb"].get(name) for s in steps], linestyle=":", color="gray",
+                        label=f"{name} (stock verl)")
+    metrics = report["metrics"]
+    steps = sorted(int(s) for s in metrics)
+    ax_step.plot(steps, [metrics[str(s)].get("timing_s/step") for s in steps], label="RL step (s)")
+    ax_step.plot(steps, [metrics[str(s)].get("respec/accept_length") for s in steps], label="acceptance length")
+    ax_step.axvline(report["kill_at"], color="red", linestyle=":", label="SIGKILL at the checkpoint + resume")
+    ax_rss.set(xlabel="GRPO step", ylabel="MB", title="Resident memory per process role (peak in step)")
+    ax_fds.set(xlabel="GRPO step", ylabel="open file descriptors", title="Open files per process role")
+    ax_disk.set(xlabel="GRPO step", ylabel="MB", title="respec's files on disk")
+    ax_step.set(xlabel="GRPO step", title="Step time and acceptance length")
+    ax_rss.legend(fontsize=5)
+    ax_disk.legend(fontsize=7)
+    ax_step.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def baseline(lab, args, report: dict) -> dict:
+    """The same GRPO job with verl's own vLLM rollout (no respec), monitored the same way: a resource that grows as
+    fast there grows in verl or vLLM, not in respec. Per role, ``respec_excess`` is the soak's slope minus this one."""
+    experiment_dir = common.OUTPUTS / "bench_soak_baseline"
+    if experiment_dir.exists():
+        import shutil
+
+        shutil.rmtree(experiment_dir)
+    metrics, samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=None, stock=True,
+                                steps=args.baseline_steps)
+    rss = slopes([samples], "rss_mb", args.warmup)
+    return {
+        "steps": max(metrics) if metrics else 0,
+        "rss_slope_mb_per_100_steps": rss,
+        "fd_slope_per_100_steps": slopes([samples], "fds", args.warmup),
+        "respec_excess_rss_mb_per_100_steps": {
+            name: slope - rss[name] for name, slope in report["rss_slope_mb_per_100_steps"].items() if name in rss},
+        "samples": {str(k): v for k, v in samples.items()},
+    }
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--kill-at", type=int, default=50, help="a checkpointed step")
+    parser.add_argument("--save-freq", type=int, default=10)
+    parser.add_argument("--keep", type=int, default=2, help="trainer.max_actor_ckpt_to_keep")
+    parser.add_argument("--warmup", type=int, default=10, help="steps of each run left out of the slopes")
+    parser.add_argument("--timeout-s", type=float, default=7200)
+    parser.add_argument("--baseline-steps", type=int, default=50,
+                        help="steps of the stock verl run (rollout.name=vllm) whose slopes the soak's are set against")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="run only the baseline and add it to the committed benchmarks/results/soak.json")
+    args = parser.parse_args()
+    common.setup_logging()
+    lab = build_lab("tiny")
+    if args.baseline_only:
+        report = json.loads((common.RESULTS / "soak.json").read_text())
+        report["baseline_stock_vllm"] = baseline(lab, args, report)
+        print(json.dumps(report["baseline_stock_vllm"]["rss_slope_mb_per_100_steps"], indent=2))
+        common.write_results("soak", report, plot)
+        return
+    experiment_dir = common.OUTPUTS / "bench_soak"
+    if experiment_dir.exists():
+        import shutil
+
+        shutil.rmtree(experiment_dir)
+    if args.kill_at % args.save_freq:
+        parser.error(f"--kill-at {args.kill_at} is not a checkpointed step (--save-freq {args.save_freq})")
+    killed, killed_samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=args.kill_at)
+    resumed, resumed_samples = soak_run(lab, args, experiment_dir, "verl-resumed.log", kill_at=None)
+    metrics = {**killed, **resumed}
+    lost = lost_after_resume(killed, resumed, args.kill_at,
+                             (experiment_dir / "verl-resumed.log").read_text(errors="replace"))
+    runs = [killed_samples, resumed_samples]
+    final_disk = max(resumed_samples.values(), key=lambda r: r.get("respec_disk_bytes", 0)).get("respec_disk_bytes")
+    report = {
+        "steps": max(metrics) if metrics else 0,
+        "kill_at": args.kill_at,
+        "rss_slope_mb_per_100_steps": slopes(runs, "rss_mb", args.warmup),
+        "fd_slope_per_100_steps": slopes(runs, "fds", args.warmup),
+        "disk_bytes_final": respec_disk_bytes(experiment_dir / "checkpoints"),
+        "disk_bytes_peak": final_disk,
+        "lost_after_resume": sum(not kept for kept in lost.values()),
+        "drafter_restores": max((m.get("respec/drafter_restores", 0.0) for m in metrics.values()), default=None),
+        "kept_across_the_kill": lost,
+        "config": vars(args),
+        "metrics": {str(k): v for k, v in metrics.items()},
+        "samples": {"killed": {str(k): v for k, v in killed_samples.items()},
+                    "resumed": {str(k): v for k, v in resumed_samples.items()}},
+    }
+    report["baseline_stock_vllm"] = baseline(lab, args, report)
+    print(json.dumps({k: report[k] for k in ("steps", "rss_slope_mb_per_100_steps", "fd_slope_per_100_steps",
+                                             "disk_bytes_final", "lost_after_resume", "kept_across_the_kill")},
+                     indent=2))
+    common.write_results("soak", report, plot)
+
+
+if __name__ == "__main__":
+    main()
