@@ -1,7 +1,7 @@
 """A long run with nothing leaking: 100 GRPO steps on the tiny lab with the learner and the tuner on, a checkpoint
 every 10 steps (verl keeps the last two), and one SIGKILL + resume in the middle.
 
-    python benchmarks/soak.py [--steps 100] [--kill-at 50] [--save-freq 10]
+    python benchmarks/soak.py [--steps 100] [--kill-at 50] [--save-freq 10] [--baseline-steps 50]
 
 While verl runs, every second the benchmark reads /proc for every process of the run (the driver, verl's Ray
 workers, the vLLM engines): its resident memory and open file descriptors, tagged with the step verl last logged.
@@ -11,8 +11,9 @@ own) and reports the slope per 100 steps. The kill comes within milliseconds of 
 checkpoint as the latest, inside that step (before its weight sync and metrics): the moment a run lost respec's state
 when respec wrote it after verl's marker. Across it the benchmark checks that nothing is lost: the resumed run
 continues at the step after the checkpoint, restores the learner's and the tuner's state from that very checkpoint,
-carries on the learner's counters, and serves no older drafter than the killed run had. Writes
-``benchmarks/results/soak.{json,png}``.
+carries on the learner's counters, and serves no older drafter than the killed run had. Then the same job runs as
+a baseline with verl's own vLLM rollout, monitored the same way (``--baseline-only respec_without_learner`` adds
+another, respec with the tuner but no learner, to the committed result). Writes ``benchmarks/results/soak.{json,png}``.
 """
 
 from __future__ import annotations
@@ -115,14 +116,18 @@ class Monitor(threading.Thread):
         self.join()
 
 
+# The runs set against the soak: verl's own vLLM rollout, and respec with its tuner but without the learner.
+BASELINES = {"stock_vllm": {"stock": True, "learner": False}, "respec_without_learner": {"stock": False, "learner": False}}
+
+
 def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, stock: bool = False,
-             steps: int | None = None) -> tuple[dict, dict]:
+             learner: bool = True, steps: int | None = None) -> tuple[dict, dict]:
     """One GRPO run (killed as it marks checkpoint ``kill_at`` the latest, or to the end), monitored; its metrics
-    and samples. ``stock``: verl's own vLLM rollout instead of respec's, for the baseline."""
+    and samples. ``stock``: verl's own vLLM rollout instead of respec's; ``learner``: respec's learner on."""
+    learner_block = {"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4} if learner else {}
     respec = [] if stock else respec_overrides(
         drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
-        tuner={"mode": "adaptive", "k_max": 4, "min_steps": 2},
-        learner={"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4})
+        tuner={"mode": "adaptive", "k_max": 4, "min_steps": 2}, learner=learner_block)
     argv, env = grpo_command(
         lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
         rollout_name="vllm" if stock else "respec", total_steps=steps or args.steps, train_batch_size=4, n=4,
@@ -224,16 +229,17 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def baseline(lab, args, report: dict) -> dict:
-    """The same GRPO job with verl's own vLLM rollout (no respec), monitored the same way: a resource that grows as
-    fast there grows in verl or vLLM, not in respec. Per role, ``respec_excess`` is the soak's slope minus this one."""
-    experiment_dir = common.OUTPUTS / "bench_soak_baseline"
+def baseline(lab, args, report: dict, name: str = "stock_vllm") -> dict:
+    """The same GRPO job as a baseline of ``BASELINES``, monitored the same way: a resource that grows as fast in
+    stock verl grows in verl or vLLM, not in respec; one that grows as fast without the learner does not grow in it.
+    Per role, ``respec_excess`` is the soak's slope minus the baseline's."""
+    experiment_dir = common.OUTPUTS / f"bench_soak_baseline_{name}"
     if experiment_dir.exists():
         import shutil
 
         shutil.rmtree(experiment_dir)
-    metrics, samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=None, stock=True,
-                                steps=args.baseline_steps)
+    metrics, samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=None, steps=args.baseline_steps,
+                                **BASELINES[name])
     rss = slopes([samples], "rss_mb", args.warmup)
     return {
         "steps": max(metrics) if metrics else 0,
@@ -254,16 +260,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="steps of each run left out of the slopes")
     parser.add_argument("--timeout-s", type=float, default=7200)
     parser.add_argument("--baseline-steps", type=int, default=50,
-                        help="steps of the stock verl run (rollout.name=vllm) whose slopes the soak's are set against")
-    parser.add_argument("--baseline-only", action="store_true",
-                        help="run only the baseline and add it to the committed benchmarks/results/soak.json")
+                        help="steps of a baseline run, whose slopes the soak's are set against")
+    parser.add_argument("--baseline-only", default=None, choices=sorted(BASELINES),
+                        help="run only this baseline and add it to the committed benchmarks/results/soak.json")
     args = parser.parse_args()
     common.setup_logging()
     lab = build_lab("tiny")
     if args.baseline_only:
         report = json.loads((common.RESULTS / "soak.json").read_text())
-        report["baseline_stock_vllm"] = baseline(lab, args, report)
-        print(json.dumps(report["baseline_stock_vllm"]["rss_slope_mb_per_100_steps"], indent=2))
+        key = f"baseline_{args.baseline_only}"
+        report[key] = baseline(lab, args, report, args.baseline_only)
+        print(json.dumps(report[key]["rss_slope_mb_per_100_steps"], indent=2))
         common.write_results("soak", report, plot)
         return
     experiment_dir = common.OUTPUTS / "bench_soak"
