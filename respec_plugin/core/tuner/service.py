@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 V2_MODEL_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
+def check_no_scheduler_cls(engine_kwargs: Mapping[str, Any], key: str = "engine_kwargs.vllm") -> None:
+    """A user's own vLLM ``scheduler_cls`` (under ``key``) cannot run beside respec's scheduler."""
+    if engine_kwargs.get("scheduler_cls"):
+        raise ReSpecConfigError(
+            f"{key}.scheduler_cls={engine_kwargs['scheduler_cls']!r} conflicts with respec's scheduler (the tuner's "
+            f"k, the watchdog's k = 0): remove it, or set {CONFIG_PREFIX}.tuner.mode=off and "
+            f"{CONFIG_PREFIX}.watchdog.enable=False."
+        )
+
+
 class EngineControl:
     """The private control directory of one engine's respec scheduler (created 0700 by ``mkdtemp``, removed by
     :meth:`close` when the run ends): schedules go in, measured steps come out when ``record_steps``."""
@@ -45,12 +55,7 @@ class EngineControl:
 
     def configure_engine(self, engine_kwargs: dict) -> None:
         """Point vLLM at respec's scheduler and this control directory (``speculative_config`` is set already)."""
-        if engine_kwargs.get("scheduler_cls"):
-            raise ReSpecConfigError(
-                f"engine_kwargs.vllm.scheduler_cls={engine_kwargs['scheduler_cls']!r} conflicts with respec's "
-                f"scheduler (the tuner's k, the watchdog's k = 0): remove it, or set {CONFIG_PREFIX}.tuner.mode=off "
-                f"and {CONFIG_PREFIX}.watchdog.enable=False."
-            )
+        check_no_scheduler_cls(engine_kwargs)
         engine_kwargs["scheduler_cls"] = SCHEDULER_CLS
         engine_kwargs["additional_config"] = {**(engine_kwargs.get("additional_config") or {}),
                                               CONTROL_DIR_KEY: self.control_dir,

@@ -37,8 +37,6 @@ from respec_plugin.integrations.verl.feature_capture import ActorForwardCapture,
 
 logger = logging.getLogger(__name__)
 
-# Sibling of verl's ``actor/`` in ``global_step_<n>``: the learner's state of that step.
-
 
 class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's actor / rollout / ref worker with respec's drafter learner on its actor ranks."""

@@ -14,6 +14,7 @@ from respec_plugin.compat import check_vllm_supports
 from respec_plugin.core.checkpoint_files import LEARNER_STATE_DIR, STEP_PREFIX, TUNER_STATE_FILE
 from respec_plugin.core.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError, bad_value
 from respec_plugin.core.drafter.checks import check_drafter_checkpoint
+from respec_plugin.core.tuner.service import check_no_scheduler_cls
 
 ENGINE_KWARGS = "actor_rollout_ref.rollout.engine_kwargs.vllm"
 
@@ -35,11 +36,8 @@ def check_at_startup(config, respec: ReSpecConfig) -> None:
         raise bad_value("tuner.mode", respec.tuner.mode, "the tuner needs "
                         "actor_rollout_ref.rollout.data_parallel_size=1 (vLLM switches dynamic speculative "
                         "decoding off under data parallelism); set tuner.mode=off or data_parallel_size=1.")
-    if respec.uses_scheduler and engine_kwargs.get("scheduler_cls"):
-        raise ReSpecConfigError(
-            f"{ENGINE_KWARGS}.scheduler_cls={engine_kwargs['scheduler_cls']!r} conflicts with respec's scheduler (the "
-            f"tuner's k, the watchdog's k = 0): remove it, or set {CONFIG_PREFIX}.tuner.mode=off and "
-            f"{CONFIG_PREFIX}.watchdog.enable=False.")
+    if respec.uses_scheduler:
+        check_no_scheduler_cls(engine_kwargs, ENGINE_KWARGS)
     if respec.learner.enable:
         from respec_plugin.integrations.verl.learner_driver import check_supported
 

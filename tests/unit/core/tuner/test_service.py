@@ -96,6 +96,12 @@ def test_engine_kwargs_and_data_parallel(monkeypatch):
         tuner.configure_engine({}, data_parallel_size=2)
 
 
+def test_a_users_own_scheduler_cls_is_refused():
+    with pytest.raises(ReSpecConfigError, match=r"engine_kwargs\.vllm\.scheduler_cls='my\.Scheduler' conflicts with "
+                                                r"respec's scheduler"):
+        _tuner(_config()).configure_engine({"scheduler_cls": "my.Scheduler"}, data_parallel_size=1)
+
+
 def test_update_learns_from_steps_and_requests():
     tuner = _tuner(_config(explore=0.0, min_steps=2))
     steps = [_step(b, k, 0.01 + 0.001 * b * (k + 1)) for b in (1, 8, 32) for k in (0, 2) for _ in range(3)]
