@@ -40,7 +40,7 @@ from respec_lab.build import PRESETS, build_lab
 from respec_lab.data import read_prompts
 from respec_lab.models import prompt_ids
 from respec_plugin.core.config import TunerConfig
-from respec_plugin.core.spec_stats import RequestSpecStats
+from respec_plugin.core.spec_stats import RequestSpecStats, aggregate_step_metrics
 from respec_plugin.core.tuner.channel import StepRecord, take_steps
 from respec_plugin.core.tuner.policy import Tuner
 
@@ -189,8 +189,8 @@ def run(args) -> dict:
         repeats.append({
             "stock_vllm_natural_s": natural["seconds"], "lengths": sorted(natural["lengths"]),
             "seconds": {name: r["seconds"] for name, r in measured.items()},
-            "acceptance_length": {name: _acceptance_length(r["records"]) for name, r in measured.items()
-                                  if r["records"]},
+            "acceptance_length": {name: aggregate_step_metrics(r["records"])["respec/accept_length"]
+                                  for name, r in measured.items() if r["records"]},
             "bucket_speeds": {name: bucket_speeds(r["steps"]) for name, r in measured.items() if "steps" in r},
             # Engine steps that ran prompt tokens (prefill, alone or mixed with decodes), where the drafter runs too.
             "prompt_steps_s": {name: sum(s.duration_s for s in r["steps"] if not s.is_decode)
@@ -210,13 +210,6 @@ def run(args) -> dict:
                                  "sweep_bucket_speeds": {k: bucket_speeds(r["steps"]) for k, r in sweep.items()}},
                       "tuner": {"schedule": tuner_schedule, "calibration": calibration, "state": tuner.state_dict()},
                       "repeats": repeats})
-
-
-def _acceptance_length(records: list[RequestSpecStats]) -> float:
-    """Tokens per verification step over the rollout's requests (1 + accepted drafts per drafting step)."""
-    drafted_steps = sum(r.num_verify_steps for r in records)
-    accepted = sum(r.num_accepted_tokens for r in records)
-    return 1.0 + accepted / drafted_steps if drafted_steps else 1.0
 
 
 def _stats(values: list[float]) -> dict[str, float]:

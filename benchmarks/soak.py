@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import threading
@@ -234,10 +235,7 @@ def baseline(lab, args, report: dict, name: str = "stock_vllm") -> dict:
     stock verl grows in verl or vLLM, not in respec; one that grows as fast without the learner does not grow in it.
     Per role, ``respec_excess`` is the soak's slope minus the baseline's."""
     experiment_dir = common.OUTPUTS / f"bench_soak_baseline_{name}"
-    if experiment_dir.exists():
-        import shutil
-
-        shutil.rmtree(experiment_dir)
+    shutil.rmtree(experiment_dir, ignore_errors=True)  # a run of its own, not a resume of an earlier one
     metrics, samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=None, steps=args.baseline_steps,
                                 **BASELINES[name])
     rss = slopes([samples], "rss_mb", args.warmup)
@@ -274,10 +272,7 @@ def main() -> None:
         common.write_results("soak", report, plot)
         return
     experiment_dir = common.OUTPUTS / "bench_soak"
-    if experiment_dir.exists():
-        import shutil
-
-        shutil.rmtree(experiment_dir)
+    shutil.rmtree(experiment_dir, ignore_errors=True)  # a run of its own, not a resume of an earlier one
     if args.kill_at % args.save_freq:
         parser.error(f"--kill-at {args.kill_at} is not a checkpointed step (--save-freq {args.save_freq})")
     killed, killed_samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=args.kill_at)
