@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from respec_plugin.core.checkpoint_files import latest_checkpointed_step
 from respec_plugin.core.config import CONFIG_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def run_logged(
                     log_path.read_text(errors="replace")), f"logged step {kill_after_step}", timeout_s, poll_s=1.0)
             elif kill_at_checkpoint is not None:
                 root, step = kill_at_checkpoint
-                returncode = _kill_when(process, lambda: _latest_checkpoint(root) == step,
+                returncode = _kill_when(process, lambda: latest_checkpointed_step(root) == step,
                                         f"marked checkpoint {step} as the latest", timeout_s, poll_s=0.005)
             else:
                 returncode = process.wait(timeout=timeout_s)
@@ -259,15 +260,6 @@ def _kill_when(process: subprocess.Popen[bytes], happened: Callable[[], bool], w
             raise subprocess.TimeoutExpired(process.args, timeout_s)
         time.sleep(poll_s)
     return process.wait()
-
-
-def _latest_checkpoint(checkpoint_root: Path) -> int | None:
-    """The step verl's ``latest_checkpointed_iteration.txt`` names (None before the first checkpoint)."""
-    try:
-        text = (Path(checkpoint_root) / "latest_checkpointed_iteration.txt").read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def _session_pids(session_id: int) -> list[int]:

@@ -23,11 +23,23 @@ TUNER_STATE_FILE = "respec_tuner.json"
 LEARNER_STATE_DIR = "respec_learner"
 # The trainer's own checkpoint of the actor in a step folder; respec's state is pruned with it.
 ACTOR_DIR = "actor"
+# verl's marker in the checkpoint root: the step its latest complete checkpoint holds.
+LATEST_STEP_FILE = "latest_checkpointed_iteration.txt"
 
 
 def step_folder(checkpoint_root: str | os.PathLike[str], global_step: int) -> Path:
     """``<checkpoint_root>/global_step_<n>``, absolute (a relative root is resolved against the cwd)."""
     return Path(os.path.abspath(checkpoint_root)) / f"{STEP_PREFIX}{global_step}"
+
+
+def latest_checkpointed_step(checkpoint_root: str | os.PathLike[str]) -> int | None:
+    """The step verl's ``latest_checkpointed_iteration.txt`` in ``checkpoint_root`` names as the checkpoint to resume
+    from (None before the first checkpoint, or when the file names no step)."""
+    try:
+        text = (Path(os.path.abspath(checkpoint_root)) / LATEST_STEP_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def restore_folder(resumed: Path | None, resumed_step: int, name: str) -> Path | None:

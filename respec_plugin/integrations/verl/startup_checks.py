@@ -11,7 +11,12 @@ import tempfile
 from pathlib import Path
 
 from respec_plugin.compat import check_vllm_supports
-from respec_plugin.core.checkpoint_files import LEARNER_STATE_DIR, STEP_PREFIX, TUNER_STATE_FILE
+from respec_plugin.core.checkpoint_files import (
+    LEARNER_STATE_DIR,
+    TUNER_STATE_FILE,
+    latest_checkpointed_step,
+    step_folder,
+)
 from respec_plugin.core.config import CONFIG_PREFIX, ReSpecConfig, ReSpecConfigError, bad_value
 from respec_plugin.core.drafter.checks import check_drafter_checkpoint
 from respec_plugin.core.tuner.service import check_no_scheduler_cls
@@ -75,11 +80,10 @@ def resumed_step_folder(trainer_config) -> Path | None:
         return Path(os.path.abspath(trainer_config.resume_from_path))
     if mode != "auto":
         return None
-    root = Path(os.path.abspath(trainer_config.default_local_dir))
-    tracker = root / "latest_checkpointed_iteration.txt"
-    if not tracker.is_file():
+    step = latest_checkpointed_step(trainer_config.default_local_dir)
+    if step is None:
         return None
-    folder = root / f"{STEP_PREFIX}{tracker.read_text().strip()}"
+    folder = step_folder(trainer_config.default_local_dir, step)
     return folder if folder.is_dir() else None
 
 

@@ -5,8 +5,10 @@ import pytest
 
 from respec_plugin.core.checkpoint_files import (
     ACTOR_DIR,
+    LATEST_STEP_FILE,
     LEARNER_STATE_DIR,
     TUNER_STATE_FILE,
+    latest_checkpointed_step,
     prune_orphaned_state,
     restore_folder,
     step_folder,
@@ -87,3 +89,11 @@ def test_respec_state_is_pruned_with_the_trainers_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "global_step_20").iterdir()) == ["data.pt"]
     assert (tmp_path / "global_step_30" / LEARNER_STATE_DIR).is_dir()
     assert prune_orphaned_state(tmp_path) == []
+
+
+def test_latest_checkpointed_step_reads_verls_marker(tmp_path):
+    assert latest_checkpointed_step(tmp_path) is None
+    (tmp_path / LATEST_STEP_FILE).write_text("30\n")
+    assert latest_checkpointed_step(tmp_path) == 30
+    (tmp_path / LATEST_STEP_FILE).write_text("partial")
+    assert latest_checkpointed_step(tmp_path) is None
