@@ -11,6 +11,13 @@ import pytest
 pytest.importorskip("vllm")
 
 from respec_lab.launch import grpo_command, respec_overrides, run_logged  # noqa: E402
+from respec_plugin.core.checkpoint_files import (  # noqa: E402
+    LATEST_STEP_FILE,
+    LEARNER_STATE_DIR,
+    TUNER_STATE_FILE,
+    step_folder,
+)
+from respec_plugin.core.learner.loop import STATE_FILE as LEARNER_STATE_FILE  # noqa: E402
 from tests.damaged_drafters import damaged_drafter  # noqa: E402
 
 # Markers of a worker or an engine being built: none may appear before the refusal.
@@ -109,24 +116,24 @@ CASES = {
 
 def _damaged_resume(experiment_dir: Path, kind: str) -> None:
     """A checkpoint root whose latest step holds damaged respec state (nothing else is read before the refusal)."""
-    folder = experiment_dir / "checkpoints" / "global_step_3"
+    folder = step_folder(experiment_dir / "checkpoints", 3)
     folder.mkdir(parents=True)
-    (experiment_dir / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("3")
+    (experiment_dir / "checkpoints" / LATEST_STEP_FILE).write_text("3")
     if kind == "resume_tuner":
-        (folder / "respec_tuner.json").write_text('[{"format": 1, "ranges": [[1, 1]')
+        (folder / TUNER_STATE_FILE).write_text('[{"format": 1, "ranges": [[1, 1]')
     else:
-        (folder / "respec_learner").mkdir()
-        (folder / "respec_learner" / "learner_state.pt").write_bytes(b"PK\x03\x04 truncated")
+        (folder / LEARNER_STATE_DIR).mkdir()
+        (folder / LEARNER_STATE_DIR / LEARNER_STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_fails_fast_through_verls_cli(name, tiny_lab, tmp_path):
     case = CASES[name]
     block = {**_drafter(tiny_lab), "num_speculative_tokens": 3, **case.respec}
-    if case.damage and not case.damage.startswith("resume"):
-        block["drafter_path"] = damaged_drafter(tiny_lab.drafter_dir, case.damage, tmp_path / "drafter")
     if case.damage and case.damage.startswith("resume"):
         _damaged_resume(tmp_path, case.damage)
+    elif case.damage:
+        block["drafter_path"] = damaged_drafter(tiny_lab.drafter_dir, case.damage, tmp_path / "drafter")
     respec = respec_overrides(**{k: v for k, v in block.items() if v is not None})
     if block.get("drafter_path") is None:
         respec.append("+actor_rollout_ref.rollout.custom.respec.drafter_path=null")
