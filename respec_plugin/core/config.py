@@ -23,6 +23,7 @@ TunerMode = Literal["off", "static", "adaptive"]
 Divergence = Literal["forward_kl", "tv"]
 RewardWeighting = Literal["reward", "advantage", "uniform"]
 LearnerPrecision = Literal["bfloat16", "float32"]
+DraftSampling = Literal["greedy", "probabilistic"]
 # Methods whose drafter is a checkpoint on disk (ngram drafts from the context alone).
 CHECKPOINT_METHODS: tuple[DrafterMethod, ...] = ("eagle3", "draft_model")
 
@@ -234,6 +235,12 @@ class ReSpecConfig:
     # n-gram window bounds (method=ngram only): the longest and shortest context suffix to look up.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    # How the drafter proposes at temperature > 0 (vLLM's ``draft_sample_method``): "greedy" drafts its argmax and
+    # is accepted with the actor's probability of it; "probabilistic" samples the drafter's distribution and is
+    # accepted with probability 1 - TV(actor, drafter), the quantity the learner's objectives train. Both are lossless;
+    # which drafts more tokens per verify step depends on the drafter (benchmarks/README.md, real-model rollouts).
+    # Checkpoint methods only; a draft vocabulary smaller than the actor's is fine.
+    draft_sampling: DraftSampling = "greedy"
     # The online drafter learner (method=eagle3 only); see LearnerConfig.
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     # The SD configuration tuner (k per batch size, learnt online); see TunerConfig.
@@ -247,6 +254,10 @@ class ReSpecConfig:
                    fix=" (0 turns speculation off; 3-5 is typical)")
         if self.uses_drafter_checkpoint and not self.drafter_path:
             raise bad_value("drafter_path", self.drafter_path, f"method={self.method} needs a drafter checkpoint dir.")
+        _check_choice("draft_sampling", self.draft_sampling, DraftSampling)
+        if self.draft_sampling != "greedy" and self.method not in CHECKPOINT_METHODS:
+            raise bad_value("draft_sampling", self.draft_sampling, f"method={self.method} drafts without a "
+                            "distribution to sample; use draft_sampling=greedy.")
         if self.method == "ngram":
             for key in ("prompt_lookup_min", "prompt_lookup_max"):
                 _check_int(key, getattr(self, key), 1)
@@ -318,6 +329,7 @@ class ReSpecConfig:
             spec["prompt_lookup_min"] = self.prompt_lookup_min
         else:
             spec["model"] = self.drafter_path
+            spec["draft_sample_method"] = self.draft_sampling
         return spec
 
     def check_against_actor(self, actor_hf_config) -> None:

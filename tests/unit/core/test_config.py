@@ -23,8 +23,14 @@ def test_eagle3_block_builds_vllm_speculative_config(drafter_dir):
     cfg = ReSpecConfig.from_mapping({"drafter_path": drafter_dir, "num_speculative_tokens": 4})
     # The watchdog's scheduler (on by default) needs vLLM's per-batch-size schedule: one entry, the configured k.
     assert cfg.speculative_config() == {"method": "eagle3", "num_speculative_tokens": 4, "model": drafter_dir,
+                                        "draft_sample_method": "greedy",
                                         "num_speculative_tokens_per_batch_size": [(1, 1, 4)]}
     cfg.check_against_actor(_Actor())
+
+
+def test_probabilistic_drafts_reach_vllm(drafter_dir):
+    cfg = ReSpecConfig.from_mapping({"drafter_path": drafter_dir, "draft_sampling": "probabilistic"})
+    assert cfg.speculative_config()["draft_sample_method"] == "probabilistic"
 
 
 def test_ngram_needs_no_checkpoint_and_zero_k_turns_speculation_off():
@@ -56,6 +62,8 @@ def test_reads_block_from_rollout_custom(drafter_dir):
         ({"drafter_path": "/no/such/dir"}, "drafter_path='/no/such/dir'", "no config.json"),
         ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min", "<="),
         ({"method": "ngram", "k": 3}, "respec.k=3", "unknown key"),
+        ({"method": "ngram", "draft_sampling": "probabilistic"}, "draft_sampling='probabilistic'", "greedy"),
+        ({"method": "ngram", "draft_sampling": "top_k"}, "draft_sampling='top_k'", "greedy, probabilistic"),
     ],
 )
 def test_bad_values_name_key_value_and_fix(block, key, fix):

@@ -8,9 +8,10 @@ those sequences plus one pooled bin for all others gives a p-value per (engine, 
 (family-wise 0.01 over all tests, Bonferroni). Power: with 2 x 1500 samples and 10-60 degrees of freedom, a
 deviation of chi-square divergence >= 0.03 from the actor (e.g. 6% of the mass moved between sequences of
 probability 0.1 and 0.3: 0.048) is rejected with probability >= 0.99 (noncentral chi-square, computed offline);
-samples drawn from the reference itself gave uniform p-values. Drafts are greedy (vLLM's default), so a drafted token
-d is accepted with probability sum_x min(p(x), q(x)) = p(d): the first verify step's measured acceptance must match
-the sum of p(d) over the samples (z-test). Plain vLLM goes through the same test (a control for the reference),
+samples drawn from the reference itself gave uniform p-values. A drafted token is accepted with probability
+sum_x min(p(x), q(x)): p(d) for a greedy draft d (q one-hot, vLLM's default), and 1 - TV(p, q) for a draft sampled
+from the drafter's distribution q (respec's ``draft_sampling=probabilistic``); the first verify step's measured
+acceptance must match the sum of these over the samples (z-test). Plain vLLM goes through the same test (a control for the reference),
 greedy outputs of every drafter equal plain vLLM's, and a deliberately broken rejection sampler (accept every draft)
 is rejected. Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), the n-gram one in a
 spawned process (see ngram_first_draft).
@@ -40,11 +41,13 @@ SEQUENCE_LENGTH = 3
 NUM_SAMPLES = 1500  # per context and setting
 NUM_CONTEXTS = 2
 SETTINGS = ((0.6, 1.0), (1.0, 1.0), (0.6, 0.9), (1.0, 0.9))  # (temperature, top_p)
-# Speculative setups under test, (method, k) or None for plain vLLM, and the settings each is sampled at: the main
-# setup at all four, the others at two that together cover each temperature and top_p (bounds the runtime).
+# Speculative setups under test, (method, k[, draft_sampling]) or None for plain vLLM, and the settings each is
+# sampled at: the main setup at all four, the others at two that together cover each temperature and top_p (bounds
+# the runtime).
 SPECULATION = {
     None: ((1.0, 1.0), (0.6, 0.9)),
     ("eagle3", 3): SETTINGS,
+    ("eagle3", 3, "probabilistic"): ((1.0, 1.0), (0.6, 0.9)),
     ("eagle3", 1): ((1.0, 1.0), (0.6, 0.9)),
     ("draft_model", 2): ((0.6, 1.0), (1.0, 0.9)),
     ("ngram", 3): ((1.0, 1.0), (0.6, 0.9)),
@@ -238,9 +241,11 @@ def draft_model_dir(tiny_lab, tmp_path_factory) -> str:
     return str(path)
 
 
-def _respec_config(method: str, k: int, tiny_lab, draft_model_dir: str) -> ReSpecConfig:
+def _respec_config(speculation: tuple, tiny_lab, draft_model_dir: str) -> ReSpecConfig:
+    method, k, *draft_sampling = speculation
     drafter_path = {"eagle3": tiny_lab.drafter_dir, "draft_model": draft_model_dir, "ngram": None}[method]
-    return ReSpecConfig(method=method, drafter_path=drafter_path, num_speculative_tokens=k)
+    return ReSpecConfig(method=method, drafter_path=drafter_path, num_speculative_tokens=k,
+                        draft_sampling=draft_sampling[0] if draft_sampling else "greedy")
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +255,7 @@ def sampled(in_process_engines, tiny_lab, contexts, draft_model_dir):
 
     def get(speculation) -> Sampled:
         if _name(speculation) not in cache:
-            config = None if speculation is None else _respec_config(*speculation, tiny_lab, draft_model_dir)
+            config = None if speculation is None else _respec_config(speculation, tiny_lab, draft_model_dir)
             llm = _engine(tiny_lab.actor_dir, config)
             try:
                 cache[_name(speculation)] = _sample(llm, contexts, SPECULATION[speculation])
@@ -262,7 +267,7 @@ def sampled(in_process_engines, tiny_lab, contexts, draft_model_dir):
 
 
 def _name(speculation) -> str:
-    return "plain" if speculation is None else f"{speculation[0]}_k{speculation[1]}"
+    return "plain" if speculation is None else "_".join([speculation[0], f"k{speculation[1]}", *speculation[2:]])
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +302,7 @@ def ngram_first_draft(tokens: list[int], min_n: int, max_n: int) -> int | None:
 class FirstDraft:
     """The first token each drafter proposes after ``context + [x1]`` (x1: the token the target sampled at prefill),
     computed outside vLLM: the torch EAGLE-3 head on HF actor features, the draft model's argmax, vLLM's n-gram
-    lookup."""
+    lookup; and the EAGLE-3 head's distribution a probabilistic draft is sampled from."""
 
     def __init__(self, actor, tiny_lab, draft_model_dir: str):
         self.actor = actor
@@ -315,6 +320,19 @@ class FirstDraft:
             return int(self.draft_model(torch.tensor([context + [x1]])).logits[0, -1].argmax())
         return ngram_first_draft(context + [x1], config.prompt_lookup_min, config.prompt_lookup_max)
 
+    @torch.no_grad()
+    def eagle3_distribution(self, context: list[int], x1: int, temperature: float) -> torch.Tensor:
+        """q over the actor's vocabulary: the head's first-step logits / T, softmax over its draft vocabulary (vLLM
+        applies only the temperature to draft logits)."""
+        embed_tokens = self.actor.get_input_embeddings().weight
+        input_ids = torch.tensor(context + [x1])
+        steps = self.eagle3.unroll(torch.nn.functional.embedding(input_ids, embed_tokens)[None],
+                                   torch.nn.functional.pad(self._aux(context), (0, 0, 0, 1))[None], 1,
+                                   first_anchor=input_ids.shape[0] - 2)
+        q = torch.zeros(embed_tokens.shape[0])
+        q[self.eagle3.draft_token_ids] = (steps.logits[0][0, 0].float() / temperature).softmax(-1)
+        return q
+
     def _aux(self, context: list[int]) -> torch.Tensor:
         """The actor's EAGLE-3 input features over ``context`` (the target's hidden states at the aux layers)."""
         key = tuple(context)
@@ -328,12 +346,15 @@ class FirstDraft:
 def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: list[int],
                  sequences: list[tuple[int, ...]], first_steps: list, temperature: float, top_p: float
                  ) -> tuple[float, float, int]:
-    """(measured accepted, expected accepted = sum over samples of p(d(x1) | context, x1), variance) of the first
-    drafted token at the first verify step, over the samples whose drafter proposed one."""
+    """(measured accepted, expected accepted = sum over samples of sum_x min(p(x), q(x)) after (context, x1),
+    variance) of the first drafted token at the first verify step, over the samples whose drafter proposed one."""
     distinct_x1 = sorted({s[0] for s in sequences})
     probs = next_token_probs(actor, [context + [x1] for x1 in distinct_x1], temperature, top_p)
     accept_prob = {}
     for x1, row in zip(distinct_x1, probs):
+        if config.draft_sampling == "probabilistic":
+            accept_prob[x1] = float(torch.minimum(row, first_draft.eagle3_distribution(context, x1, temperature)).sum())
+            continue
         draft = first_draft(config, context, x1)
         accept_prob[x1] = None if draft is None else float(row[draft])
     measured = expected = variance = 0.0
@@ -370,7 +391,7 @@ def test_sequences_follow_the_actor_distribution(sampled, references, speculatio
 @pytest.mark.parametrize(("speculation", "setting"), SPECULATIVE_CASES, ids=map(_case_id, SPECULATIVE_CASES))
 def test_acceptance_matches_sum_of_min_p_q(sampled, actor, contexts, first_draft, tiny_lab, draft_model_dir,
                                            speculation, setting) -> None:
-    config = _respec_config(*speculation, tiny_lab, draft_model_dir)
+    config = _respec_config(speculation, tiny_lab, draft_model_dir)
     run = sampled(speculation)
     measured = expected = variance = 0.0
     for context, sequences, steps in zip(contexts, run.sequences[setting], run.first_step[setting]):
@@ -407,7 +428,7 @@ def test_a_lossy_rejection_sampler_is_caught(in_process_engines, tiny_lab, conte
     import vllm.v1.sample.rejection_sampler as rejection_sampler
 
     monkeypatch.setattr(rejection_sampler, "rejection_sample", accept_every_draft)
-    config = _respec_config("eagle3", 3, tiny_lab, draft_model_dir)
+    config = _respec_config(("eagle3", 3), tiny_lab, draft_model_dir)
     setting = (1.0, 1.0)
     llm = _engine(tiny_lab.actor_dir, config)
     try:
