@@ -51,9 +51,15 @@ class Minibatch:
         return self.input_ids.shape[0]
 
 
+# Minibatch lengths are rounded up to a multiple of this: a few distinct shapes instead of one per longest sequence,
+# since CPU matmul libraries (oneDNN) keep compiled kernels per shape, and GPU ones autotune per shape.
+PAD_TO_MULTIPLE = 32
+
+
 def collate(sequences: list[SequenceFeatures], device: torch.device | str = "cpu") -> Minibatch:
-    """Right-pad ``sequences`` into one minibatch on ``device``."""
-    length = max(s.token_ids.numel() for s in sequences)
+    """Right-pad ``sequences`` into one minibatch on ``device``, to a length that is a multiple of PAD_TO_MULTIPLE."""
+    longest = max(s.token_ids.numel() for s in sequences)
+    length = -(-longest // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
 
     def pad(tensors: list[torch.Tensor]) -> torch.Tensor:
         out = tensors[0].new_zeros((len(tensors), length, *tensors[0].shape[1:]), device=device)

@@ -199,9 +199,14 @@ class ActorForwardCapture:
         for i, slot in enumerate(self._slots):
             aux = torch.cat([pending.aux[layer][i] for layer in self.spec.aux_layer_ids], dim=-1)
             probs, ids = pending.targets[i]
-            # Kept in host memory until trained on: the device's memory belongs to vLLM during the rollout.
+            # Kept in host memory until trained on: the device's memory belongs to vLLM during the rollout. Copies,
+            # also on a CPU device: a view would keep its whole micro-batch's tensor alive.
             rows.append(SequenceFeatures(token_ids=slot.token_ids, loss_mask=slot.loss_mask,
-                                         input_embeds=pending.embeds[i].cpu(), aux_hidden_states=aux.cpu(),
-                                         target_probs=probs.cpu(), target_ids=ids.cpu(), row=slot.row,
+                                         input_embeds=_host_copy(pending.embeds[i]), aux_hidden_states=aux.cpu(),
+                                         target_probs=_host_copy(probs), target_ids=_host_copy(ids), row=slot.row,
                                          held_out=slot.held_out))
         return rows
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", copy=True)

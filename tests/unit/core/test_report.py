@@ -61,6 +61,24 @@ def test_dashboard_of_runs_against_a_baseline(tmp_path):
     assert dashboard.not_recorded == ()
 
 
+def test_a_drawn_dashboard_leaves_no_figure_behind(tmp_path):
+    """The trainer draws one at every checkpoint; a figure left for a full collection is memory that grows per save."""
+    import gc
+
+    from matplotlib.figure import Figure
+
+    runs = {"full": respec_steps(5, 2.5, loss=True)}
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(3):
+            draw_dashboard(runs, tmp_path / f"dash{i}.png")
+        alive = [o for o in gc.get_objects() if isinstance(o, Figure)]
+    finally:
+        gc.enable()
+    assert alive == []
+
+
 @pytest.mark.parametrize(
     ("runs", "recorded"),
     [

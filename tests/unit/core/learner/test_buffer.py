@@ -3,7 +3,7 @@ trajectory weight where the loss mask is set."""
 
 import torch
 
-from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, collate
+from respec_plugin.core.learner.buffer import PAD_TO_MULTIPLE, ReplayBuffer, SequenceFeatures, collate
 
 HIDDEN = 3
 
@@ -36,8 +36,16 @@ def test_sampling_draws_distinct_sequences_and_all_when_fewer():
 def test_collate_pads_right_and_weighs_the_loss_mask():
     short, long = _sequence([1], [2], weight=0.5), _sequence([1, 1], [2, 2, 2], weight=2.0)
     batch = collate([short, long])
-    assert batch.input_ids.tolist() == [[1, 2, 0, 0, 0], [1, 1, 2, 2, 2]]
-    assert batch.token_weights.tolist() == [[0, 0.5, 0, 0, 0], [0, 0, 2, 2, 2]]
-    assert batch.loss_mask.tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 1, 1]]
+    pad = [0] * (PAD_TO_MULTIPLE - 5)
+    assert batch.input_ids.tolist() == [[1, 2, 0, 0, 0] + pad, [1, 1, 2, 2, 2] + pad]
+    assert batch.token_weights.tolist() == [[0, 0.5, 0, 0, 0] + pad, [0, 0, 2, 2, 2] + pad]
+    assert batch.loss_mask.tolist() == [[0, 1, 0, 0, 0] + pad, [0, 0, 1, 1, 1] + pad]
     assert torch.equal(batch.input_embeds[0, :2], short.input_embeds) and not batch.input_embeds[0, 2:].any()
-    assert batch.aux_hidden_states.shape == (2, 5, 2 * HIDDEN) and batch.num_sequences == 2
+    assert batch.aux_hidden_states.shape == (2, PAD_TO_MULTIPLE, 2 * HIDDEN) and batch.num_sequences == 2
+
+
+def test_collate_gives_few_shapes_whatever_the_lengths():
+    """Each new minibatch shape costs CPU kernel libraries a cached kernel (memory that grows with the run)."""
+    lengths = range(10, 200)
+    shapes = {collate([_sequence([1], [2] * n), _sequence([1], [2])]).input_ids.shape for n in lengths}
+    assert len(shapes) == -(-200 // PAD_TO_MULTIPLE)
