@@ -119,6 +119,9 @@ class LearnerConfig:
     # Tokens (prompt + response) of each step's trajectories the learner keeps, whole prompt groups chosen at random:
     # the actor ranks keep their features (aux hidden states, embeddings, the teacher's top-k) in memory until trained.
     max_tokens_per_step: int = 262144
+    # Prompt tokens kept before each response: the drafter trains on the response and this much of its context
+    # (its loss is on response tokens only), however long the prompt.
+    context_tokens: int = 128
     # Fraction of each step's kept prompt groups (at least one) held out to compare the candidate with the serving
     # drafter; they are trained on at the next step.
     holdout_fraction: float = 0.125
@@ -146,6 +149,8 @@ class LearnerConfig:
         for key in ("max_time_s", "learning_rate"):
             _check_number(f"learner.{key}", getattr(self, key), 0.0, float("inf"), low_open=True, high_open=True,
                           fix="use a positive number.")
+        _check_int("learner.context_tokens", self.context_tokens, 2,
+                   fix=" (the first draft step reads the two positions before the response)")
         _check_number("learner.holdout_fraction", self.holdout_fraction, 0.0, 1.0, low_open=True, high_open=True,
                       fix="use a fraction in (0, 1), e.g. 0.125.")
 

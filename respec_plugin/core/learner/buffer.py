@@ -35,6 +35,18 @@ class SequenceFeatures:
         return self.token_ids.numel()
 
 
+def response_window(loss_mask: torch.Tensor, context_tokens: int) -> slice:
+    """The positions of a sequence the learner keeps: from ``context_tokens`` tokens before its response to its end.
+
+    The drafter's loss is on response tokens only, yet it attends over everything it is given: a long prompt (a
+    few-shot preamble, a long instruction) would multiply its training time and the features held in host memory
+    for no more loss terms. Its first draft step needs the two positions before the first response token."""
+    response = loss_mask.nonzero()
+    if response.numel() == 0:
+        return slice(0, 0)
+    return slice(max(0, int(response[0, 0]) - context_tokens), loss_mask.numel())
+
+
 @dataclass(frozen=True)
 class Minibatch:
     """Right-padded sequences [B, T]: ``token_weights`` = loss mask x trajectory weight, ``loss_mask`` unweighted."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from respec_plugin.core.learner.buffer import SequenceFeatures
+from respec_plugin.core.learner.buffer import SequenceFeatures, response_window
 from respec_plugin.core.learner.losses import topk_target
 
 # Per-row TransferQueue fields the driver writes before the old-log-prob forward.
@@ -33,11 +33,13 @@ NOT_SELECTED, TRAINING, HELD_OUT = 0, 1, 2
 
 @dataclass(frozen=True)
 class CaptureSpec:
-    """What to capture: the drafter's aux layer ids, its draft vocabulary (target ids) and the teacher's top k."""
+    """What to capture: the drafter's aux layer ids, its draft vocabulary (target ids), the teacher's top k, and the
+    prompt tokens kept before each response (``learner.context_tokens``)."""
 
     aux_layer_ids: tuple[int, ...]
     draft_token_ids: torch.Tensor
     top_k: int
+    context_tokens: int
 
 
 @dataclass(frozen=True)
@@ -197,14 +199,15 @@ class ActorForwardCapture:
                                f"embeddings: {bool(pending.embeds)}, targets: {len(pending.targets)})")
         rows = []
         for i, slot in enumerate(self._slots):
-            aux = torch.cat([pending.aux[layer][i] for layer in self.spec.aux_layer_ids], dim=-1)
+            kept = response_window(slot.loss_mask, self.spec.context_tokens)
+            aux = torch.cat([pending.aux[layer][i][kept] for layer in self.spec.aux_layer_ids], dim=-1)
             probs, ids = pending.targets[i]
             # Kept in host memory until trained on: the device's memory belongs to vLLM during the rollout. Copies,
             # also on a CPU device: a view would keep its whole micro-batch's tensor alive.
-            rows.append(SequenceFeatures(token_ids=slot.token_ids, loss_mask=slot.loss_mask,
-                                         input_embeds=_host_copy(pending.embeds[i]), aux_hidden_states=aux.cpu(),
-                                         target_probs=_host_copy(probs), target_ids=_host_copy(ids), row=slot.row,
-                                         held_out=slot.held_out))
+            rows.append(SequenceFeatures(token_ids=slot.token_ids[kept], loss_mask=slot.loss_mask[kept],
+                                         input_embeds=_host_copy(pending.embeds[i][kept]), aux_hidden_states=aux.cpu(),
+                                         target_probs=_host_copy(probs[kept]), target_ids=_host_copy(ids[kept]),
+                                         row=slot.row, held_out=slot.held_out))
         return rows
 
 

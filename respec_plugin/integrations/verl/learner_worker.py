@@ -67,7 +67,8 @@ class ReSpecActorRolloutRefWorker(ActorRolloutRefWorker):
         self._respec_overlap = respec.learner.overlap
         self._respec_capture = ActorForwardCapture(self.actor.engine.module, CaptureSpec(
             aux_layer_ids=drafter.config.eagle_aux_hidden_state_layer_ids,
-            draft_token_ids=drafter.draft_token_ids.cpu(), top_k=respec.learner.top_k))
+            draft_token_ids=drafter.draft_token_ids.cpu(), top_k=respec.learner.top_k,
+            context_tokens=respec.learner.context_tokens))
         if self._is_rollout:
             self.rollout.drafter_from_learner = True
 

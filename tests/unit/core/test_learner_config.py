@@ -21,6 +21,7 @@ def test_learner_block_from_nested_mapping():
         ({"top_k": 0}, "learner.top_k"),
         ({"steps_per_rl_step": True}, "learner.steps_per_rl_step"),
         ({"holdout_fraction": 0.0}, "learner.holdout_fraction"),
+        ({"context_tokens": 1}, "learner.context_tokens"),
         ({"learning_rate": 0}, "learner.learning_rate"),
         ({"typo": 1}, "learner.typo"),
     ],

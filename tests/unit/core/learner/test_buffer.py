@@ -3,7 +3,7 @@ trajectory weight where the loss mask is set."""
 
 import torch
 
-from respec_plugin.core.learner.buffer import PAD_TO_MULTIPLE, ReplayBuffer, SequenceFeatures, collate
+from respec_plugin.core.learner.buffer import PAD_TO_MULTIPLE, ReplayBuffer, SequenceFeatures, collate, response_window
 
 HIDDEN = 3
 
@@ -49,3 +49,10 @@ def test_collate_gives_few_shapes_whatever_the_lengths():
     lengths = range(10, 200)
     shapes = {collate([_sequence([1], [2] * n), _sequence([1], [2])]).input_ids.shape for n in lengths}
     assert len(shapes) == -(-200 // PAD_TO_MULTIPLE)
+
+
+def test_response_window_keeps_the_response_and_its_context():
+    mask = torch.tensor([0, 0, 0, 0, 1, 1, 0, 1, 0])
+    assert response_window(mask, 2) == slice(2, 9)
+    assert response_window(mask, 10) == slice(0, 9)
+    assert response_window(torch.zeros(4), 2) == slice(0, 0)

@@ -23,6 +23,7 @@ AUX = (1, 2, 3)
 DRAFT_IDS = torch.tensor([0, 3, 5, 7, 11, 13, 17, 19, 23, 29])
 TOP_K = 4
 TEMPERATURE = 0.7
+WHOLE_PROMPT = 64  # learner.context_tokens beyond every prompt here
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_captured_features_equal_the_hf_hidden_states(actor, packed):
     lengths, responses = [9, 6, 11], [4, 2, 5]
     micro_batch, sequences = _micro_batch(lengths, responses, select=[TRAINING, NOT_SELECTED, HELD_OUT],
                                           rows=[7, 3, 12])
-    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K))
+    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K, WHOLE_PROMPT))
     slots = row_slots(micro_batch, packed)
     assert [(s.row, s.held_out) for s in slots] == [(7, False), (12, True)]
     with torch.no_grad(), capture.installed(), capture.rows(slots, packed) as captured:
@@ -94,10 +95,27 @@ def test_captured_features_equal_the_hf_hidden_states(actor, packed):
         assert row.loss_mask[length - response:].tolist() == micro_batch["loss_mask"][index].float().tolist()
 
 
+def test_a_short_context_keeps_the_response_and_the_tokens_just_before_it(actor):
+    lengths, responses = [9, 11], [4, 5]
+    micro_batch, sequences = _micro_batch(lengths, responses, select=[TRAINING, TRAINING], rows=[0, 1])
+
+    def captured(context_tokens):
+        capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K, context_tokens))
+        with torch.no_grad(), capture.installed(), capture.rows(row_slots(micro_batch, False), False) as rows:
+            _forward(actor, sequences, packed=False)
+        return rows
+
+    for whole, window, length, response in zip(captured(WHOLE_PROMPT), captured(2), lengths, responses):
+        kept = slice(length - response - 2, length)
+        assert window.token_ids.numel() == response + 2
+        for field in ("token_ids", "loss_mask", "input_embeds", "aux_hidden_states", "target_probs", "target_ids"):
+            assert torch.equal(getattr(window, field), getattr(whole, field)[kept]), field
+
+
 def test_without_logits_the_teacher_comes_from_the_lm_head_rows(actor):
     """verl's fused kernels compute no logits: the final-norm state times the LM head's draft rows gives them."""
     micro_batch, sequences = _micro_batch([8], [3], select=[TRAINING], rows=[0])
-    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K))
+    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K, WHOLE_PROMPT))
     lm_head_rows = actor.lm_head.weight[DRAFT_IDS].detach()
     handle = actor.register_forward_hook(lambda module, args, output: output.__setitem__("logits", None))
     try:
@@ -115,7 +133,7 @@ def test_without_logits_the_teacher_comes_from_the_lm_head_rows(actor):
 
 def test_hooks_act_only_inside_a_capture(actor):
     micro_batch, sequences = _micro_batch([6], [2], select=[TRAINING], rows=[0])
-    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K))
+    capture = ActorForwardCapture(actor, CaptureSpec(AUX, DRAFT_IDS, TOP_K, WHOLE_PROMPT))
     with torch.no_grad(), capture.installed():
         _forward(actor, sequences, packed=False)  # another forward (e.g. verl's actor update) takes nothing
         with capture.rows([], False) as nothing:
@@ -126,4 +144,4 @@ def test_hooks_act_only_inside_a_capture(actor):
 
 def test_aux_layers_must_fit_the_actor(actor):
     with pytest.raises(ValueError, match="do not fit an actor of 4 layers"):
-        ActorForwardCapture(actor, CaptureSpec((1, 4), DRAFT_IDS, TOP_K))
+        ActorForwardCapture(actor, CaptureSpec((1, 4), DRAFT_IDS, TOP_K, WHOLE_PROMPT))
