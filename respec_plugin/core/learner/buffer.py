@@ -68,6 +68,25 @@ class Minibatch:
 PAD_TO_MULTIPLE = 32
 
 
+def length_groups(sequences: list[SequenceFeatures], max_padding: float = 0.25) -> list[list[SequenceFeatures]]:
+    """``sequences`` sorted by length and cut into groups that each pad to their longest with at most ``max_padding``
+    padded tokens per real token (one sequence may start a group alone).
+
+    RL responses are long-tailed: one response at the length limit would pad every other sequence of a minibatch to
+    it, multiplying the drafter's training compute; one optimizer step accumulates the groups' gradients instead."""
+    groups: list[list[SequenceFeatures]] = []
+    tokens = 0
+    for sequence in sorted(sequences, key=lambda s: s.num_tokens):
+        padded = (len(groups[-1]) + 1) * sequence.num_tokens if groups else 0
+        if groups and padded <= (1 + max_padding) * (tokens + sequence.num_tokens):
+            groups[-1].append(sequence)
+            tokens += sequence.num_tokens
+        else:
+            groups.append([sequence])
+            tokens = sequence.num_tokens
+    return groups
+
+
 def collate(sequences: list[SequenceFeatures], device: torch.device | str = "cpu") -> Minibatch:
     """Right-pad ``sequences`` into one minibatch on ``device``, to a length that is a multiple of PAD_TO_MULTIPLE."""
     longest = max(s.token_ids.numel() for s in sequences)

@@ -31,7 +31,7 @@ import torch
 from respec_plugin.core.config import LearnerConfig
 from respec_plugin.core.drafter.eagle3 import Eagle3Drafter, vllm_weights
 from respec_plugin.core.drafter.io import load_drafter, save_drafter
-from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, collate
+from respec_plugin.core.learner.buffer import ReplayBuffer, SequenceFeatures, collate, length_groups
 from respec_plugin.core.learner.objective import (
     DraftStepStats,
     held_out_stats,
@@ -176,24 +176,26 @@ class OnlineLearner:
         """One optimizer step over every rank's minibatch; all ranks agree whether it succeeded."""
         sampled = self.buffer.sample(local_batch, self.generator)
         sampled = [s for s in sampled if float(s.loss_mask.sum()) > 0]
-        batch = collate(sampled, self.device) if sampled else None
-        totals = (step_weight_totals(batch, self.config.num_draft_steps) if batch is not None
-                  else torch.zeros(self.config.num_draft_steps, device=self.device))
+        batches = [collate(group, self.device) for group in length_groups(sampled)]
+        totals = torch.zeros(self.config.num_draft_steps, device=self.device)
+        for batch in batches:
+            totals = totals + step_weight_totals(batch, self.config.num_draft_steps)
         totals = self.ranks.sum(totals)
         self.optimizer.zero_grad(set_to_none=True)
         error, share = None, 0.0
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self._bfloat16
                     else contextlib.nullcontext())
         try:
-            if batch is not None:
+            for batch in batches:  # the global totals normalise every group's loss: their gradients add up
                 with autocast:
                     loss, _ = kd_loss_by_step(self.drafter, batch, divergence=self.config.divergence,
                                               negative_feedback_coef=self.config.negative_feedback,
                                               num_draft_steps=self.config.num_draft_steps, weight_totals=totals)
-                share = loss.item()
-                if not math.isfinite(share):
-                    raise _Rejected(f"non-finite loss {share}")
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise _Rejected(f"non-finite loss {value}")
                 loss.backward()
+                share += value
         except Exception as e:  # noqa: BLE001 -- the ranks must agree before the gradient sum: report, then decide
             error = f"{type(e).__name__}: {e}"
         error = self.ranks.first_error(error)

@@ -102,3 +102,15 @@ def test_a_failure_on_one_rank_rejects_the_candidate_on_every_rank(tmp_path):
     assert result["rejection"] is not None and "simulated on one rank" in result["rejection"]
     untouched = _drafter().state_dict()
     assert all(torch.equal(result["state"][name], t) for name, t in untouched.items())  # no step was taken
+
+
+def test_an_optimizer_step_over_length_groups_equals_one_over_the_whole_minibatch(monkeypatch):
+    """The learner pads each group of similar lengths on its own; the gradients add up to the whole minibatch's."""
+    from respec_plugin.core.learner import loop
+
+    grouped_learner, grouped = _train(_rows())
+    monkeypatch.setattr(loop, "length_groups", lambda sequences: [sequences])
+    whole_learner, whole = _train(_rows())
+    assert grouped.loss == pytest.approx(whole.loss, rel=1e-5)
+    for (name, a), b in zip(grouped_learner.drafter.state_dict().items(), whole_learner.drafter.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
