@@ -2,6 +2,7 @@
 tuned, and against the oracle.
 
     python benchmarks/rollout_real.py [--prompts 8] [--repeats 3] [--calibration-rounds 4]
+                                      [--draft-sampling greedy|probabilistic] [--name rollout_real]
 
 A rollout is what verl's agent loop asks of vLLM in one GRPO step: ``--prompts`` prompts of the lab's validation
 set, n = 4 samples each, temperature 1, natural EOS, the lab's response limit (512). Sampled rollouts differ in
@@ -21,7 +22,7 @@ Configurations, on two engines that stay up for the whole run (spec_engines):
 Within a repeat the configurations run in a fresh random order; ratios are per repeat (rollout time of stock vLLM over
 that of the configuration, on the same lengths) and their minimum and median are reported. Per batch-size bucket the
 benchmark also compares the decode steps of the tuner with those of SD off (k = 0) and of the best static k. Writes
-benchmarks/results/rollout_real.{json,png}.
+benchmarks/results/<name>.{json,png}.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import spec_engines
 from respec_lab.build import PRESETS, build_lab
 from respec_lab.data import read_prompts
 from respec_lab.models import prompt_ids
-from respec_plugin.core.config import TunerConfig
+from respec_plugin.core.config import DraftSampling, TunerConfig, choices
 from respec_plugin.core.spec_stats import RequestSpecStats, aggregate_step_metrics
 from respec_plugin.core.tuner.channel import StepRecord, take_steps
 from respec_plugin.core.tuner.policy import Tuner
@@ -136,7 +137,7 @@ def run(args) -> dict:
     plain, _ = spec_engines.engine(lab, speculative=False, k_max=K_MAX, max_num_seqs=max_num_seqs,
                                    max_model_len=max_model_len)
     speculative, control_dir = spec_engines.engine(lab, speculative=True, k_max=K_MAX, max_num_seqs=max_num_seqs,
-                                                   max_model_len=max_model_len)
+                                                   max_model_len=max_model_len, draft_sampling=args.draft_sampling)
     version = 0
 
     def run_config(name: str, schedule, prompt_set, lengths) -> dict:
@@ -201,7 +202,7 @@ def run(args) -> dict:
                               "k": s.k} for s in measured[name]["steps"]] for name in ("tuner", "oracle")},
         })
         logging.info("repeat %d: %s", repeat, {n: round(s, 1) for n, s in repeats[-1]["seconds"].items()})
-        common.write_results("rollout_real.partial", {"repeats": repeats})
+        common.write_results(f"{args.name}.partial", {"repeats": repeats})
     for llm in (speculative, plain):
         spec_engines.shutdown(llm)
     shutil.rmtree(control_dir, ignore_errors=True)
@@ -288,10 +289,13 @@ def main() -> None:
     parser.add_argument("--explore", type=float, default=0.1)
     parser.add_argument("--min-steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draft-sampling", choices=choices(DraftSampling), default="greedy",
+                        help="how the EAGLE-3 engine drafts (respec.draft_sampling)")
+    parser.add_argument("--name", default="rollout_real", help="results file stem")
     args = parser.parse_args()
     common.setup_logging()
     report = run(args)
-    common.write_results("rollout_real", report, plot)
+    common.write_results(args.name, report, plot)
     print(json.dumps({key: report[key] for key in ("respec_vs_vllm", "respec_vs_oracle", "oracle_vs_vllm",
                                                      "tuner_vs_sd_off_min", "tuner_vs_best_static_min")}, indent=2))
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from respec_plugin.core.checkpoint_files import latest_checkpointed_step
+from respec_lab.vllm_rollouts import KV_BLOCK_SIZE
 from respec_plugin.core.config import CONFIG_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def grpo_command(
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
         f"+actor_rollout_ref.rollout.engine_kwargs.vllm.kv_cache_memory_bytes={kv_cache_memory_bytes}",
+        f"+actor_rollout_ref.rollout.engine_kwargs.vllm.block_size={KV_BLOCK_SIZE}",
     ]
     argv = [sys.executable, "-m", VERL_MAIN, *merge_overrides(overrides, extra_overrides)]
     env = {

@@ -8,6 +8,13 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 
+# vLLM CPU's KV cache block (tokens). Its default of 128 costs speculation most of the prefix cache: vLLM drops the last
+# matched block from an EAGLE engine's prefix-cache hit (the drafter needs that block's hidden states), so a request
+# whose prompt spans two 128-token blocks recomputes all but one. GRPO's n samples of a prompt, and prompts sharing a
+# few-shot preamble, then prefill again what stock vLLM reads from the cache. 32 is the smallest block vLLM's CPU
+# attention takes (a multiple of 32); GPU engines default to 16 and need no override.
+KV_BLOCK_SIZE = 32
+
 
 def sample_responses(actor_dir: str, prompts: Sequence[list[int]], *, n: int, max_tokens: int, seed: int,
                      max_num_seqs: int = 128, kv_cache_memory_bytes: int = 2 << 30) -> list[list[list[int]]]:
@@ -16,7 +23,8 @@ def sample_responses(actor_dir: str, prompts: Sequence[list[int]], *, n: int, ma
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=actor_dir, dtype="float32", enforce_eager=True, seed=seed, max_num_seqs=max_num_seqs,
-              max_model_len=max(map(len, prompts)) + max_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes)
+              max_model_len=max(map(len, prompts)) + max_tokens, kv_cache_memory_bytes=kv_cache_memory_bytes,
+              block_size=KV_BLOCK_SIZE)
     try:
         params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, detokenize=False)
         outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from respec_plugin.core.config import ReSpecConfig
 from respec_lab.launch import grpo_command, parse_console_metrics, respec_overrides, run_logged
+from respec_lab.vllm_rollouts import KV_BLOCK_SIZE
 
 # Excerpt (12 of its 103 metrics, in order, verbatim) of the step-3 line verl 0.9.1's console logger printed in a
 # CPU GRPO run through this launcher, Ray's coloured actor prefix included.
@@ -62,6 +63,7 @@ def test_grpo_command_composes_with_verl_config_and_validates(tmp_path: Path) ->
     assert rollout.name == "vllm" and rollout.n == 2
     assert not rollout.enable_sleep_mode and not rollout.free_cache_engine and rollout.enforce_eager
     assert rollout.engine_kwargs["vllm"]["kv_cache_memory_bytes"] == 64 << 20
+    assert rollout.engine_kwargs["vllm"]["block_size"] == KV_BLOCK_SIZE
 
 
 def test_extra_overrides_replace_the_launchers_own(tmp_path: Path) -> None:
