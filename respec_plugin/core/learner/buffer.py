@@ -68,9 +68,13 @@ class Minibatch:
 PAD_TO_MULTIPLE = 32
 
 
+# A group this small (padded tokens) is never split: its matmuls cost their fixed overhead more than their size.
+MIN_GROUP_TOKENS = 4096
+
+
 def length_groups(sequences: list[SequenceFeatures], max_padding: float = 0.25) -> list[list[SequenceFeatures]]:
     """``sequences`` sorted by length and cut into groups that each pad to their longest with at most ``max_padding``
-    padded tokens per real token (one sequence may start a group alone).
+    padded tokens per real token, or hold at most MIN_GROUP_TOKENS padded tokens.
 
     RL responses are long-tailed: one response at the length limit would pad every other sequence of a minibatch to
     it, multiplying the drafter's training compute; one optimizer step accumulates the groups' gradients instead."""
@@ -78,7 +82,7 @@ def length_groups(sequences: list[SequenceFeatures], max_padding: float = 0.25) 
     tokens = 0
     for sequence in sorted(sequences, key=lambda s: s.num_tokens):
         padded = (len(groups[-1]) + 1) * sequence.num_tokens if groups else 0
-        if groups and padded <= (1 + max_padding) * (tokens + sequence.num_tokens):
+        if groups and padded <= max((1 + max_padding) * (tokens + sequence.num_tokens), MIN_GROUP_TOKENS):
             groups[-1].append(sequence)
             tokens += sequence.num_tokens
         else:

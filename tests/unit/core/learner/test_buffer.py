@@ -3,7 +3,7 @@ trajectory weight where the loss mask is set."""
 
 import torch
 
-from respec_plugin.core.learner.buffer import PAD_TO_MULTIPLE, ReplayBuffer, SequenceFeatures, collate, length_groups, response_window
+from respec_plugin.core.learner.buffer import MIN_GROUP_TOKENS, PAD_TO_MULTIPLE, ReplayBuffer, SequenceFeatures, collate, length_groups, response_window
 
 HIDDEN = 3
 
@@ -59,11 +59,17 @@ def test_response_window_keeps_the_response_and_its_context():
 
 
 def test_length_groups_bound_the_padding_of_long_tailed_lengths():
-    lengths = [5, 6, 7, 9, 12, 30, 31, 200]
+    scale = MIN_GROUP_TOKENS // 8  # lengths long enough that padding, not size, decides
+    lengths = [n * scale for n in (5, 6, 7, 9, 12, 30, 31, 200)]
     sequences = [_sequence([1], [2] * (n - 1)) for n in lengths]
     groups = length_groups(sequences)
     assert sorted(s.num_tokens for g in groups for s in g) == lengths
     for group in groups:
         real = sum(s.num_tokens for s in group)
         assert len(group) == 1 or len(group) * max(s.num_tokens for s in group) <= 1.25 * real
-    assert [s.num_tokens for s in groups[-1]] == [200]  # the long response pads nothing else
+    assert [s.num_tokens for s in groups[-1]] == [200 * scale]  # the long response pads nothing else
+
+
+def test_short_sequences_stay_in_one_group():
+    lengths = [5, 6, 7, 9, 12, 30, 31, 100]
+    assert len(length_groups([_sequence([1], [2] * (n - 1)) for n in lengths])) == 1
