@@ -8,13 +8,13 @@ from __future__ import annotations
 import gc
 
 from respec_lab.vllm_rollouts import KV_BLOCK_SIZE
-from respec_plugin.core.config import ReSpecConfig, TunerConfig
+from respec_plugin.core.config import DraftSampling, ReSpecConfig, TunerConfig
 from respec_plugin.core.tuner.channel import Schedule, take_steps, write_schedule
 from respec_plugin.core.tuner.service import EngineControl, EngineTuner
 
 
 def engine(lab, *, speculative: bool, k_max: int, max_num_seqs: int, max_model_len: int = 1024,
-           kv_cache_memory_bytes: int = 2 << 30, draft_sampling: str = "greedy"):
+           kv_cache_memory_bytes: int = 2 << 30, draft_sampling: DraftSampling = "greedy"):
     """(LLM, control directory): a plain engine (no directory), or an EAGLE-3 one serving ``lab``'s drafter with
     respec's scheduler, speculative config, control directory and model runner (``k_max`` drafts at most,
     proposed as ``draft_sampling`` says)."""

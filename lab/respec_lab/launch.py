@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from respec_plugin.core.checkpoint_files import latest_checkpointed_step
 from respec_lab.vllm_rollouts import KV_BLOCK_SIZE
+from respec_plugin.core.checkpoint_files import latest_checkpointed_step
 from respec_plugin.core.config import CONFIG_PREFIX
 
 logger = logging.getLogger(__name__)

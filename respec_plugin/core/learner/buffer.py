@@ -66,9 +66,7 @@ class Minibatch:
 # Minibatch lengths are rounded up to a multiple of this: a few distinct shapes instead of one per longest sequence,
 # since CPU matmul libraries (oneDNN) keep compiled kernels per shape, and GPU ones autotune per shape.
 PAD_TO_MULTIPLE = 32
-
-
-# A group this small (padded tokens) is never split: its matmuls cost their fixed overhead more than their size.
+# A length group this small (padded tokens) is never split: its matmuls cost their fixed overhead more than their size.
 MIN_GROUP_TOKENS = 4096
 
 
