@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from respec_lab.launch import RunResult, grpo_command, run_logged
@@ -65,13 +65,14 @@ def write_results(name: str, report: dict, plot: Callable[[dict, Path], None] | 
 
 
 def lab_grpo_run(lab, experiment: str, name: str, *, rollout_name: str, timeout_s: float,
-                 **grpo_options) -> RunResult:
-    """One stock verl GRPO run on ``lab`` (``respec_lab.launch.grpo_command`` with ``grpo_options``), logged to
-    outputs/<experiment>/<name>/verl.log; its result holds verl's per-step metrics."""
+                 env_overrides: Mapping[str, str] | None = None, **grpo_options) -> RunResult:
+    """One stock verl GRPO run on ``lab`` (``respec_lab.launch.grpo_command`` with ``grpo_options``, its environment
+    updated with ``env_overrides``), logged to outputs/<experiment>/<name>/verl.log; its result holds verl's per-step
+    metrics."""
     experiment_dir = OUTPUTS / experiment / name
     argv, env = grpo_command(lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
                              rollout_name=rollout_name, **grpo_options)
-    return run_logged(argv, env, experiment_dir / "verl.log", timeout_s=timeout_s)
+    return run_logged(argv, {**env, **(env_overrides or {})}, experiment_dir / "verl.log", timeout_s=timeout_s)
 
 
 def warn_if_cut_short(name: str, result: RunResult) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import common
 from respec_lab.build import build_lab
-from respec_lab.launch import grpo_command, respec_overrides, run_logged
+from respec_lab.launch import respec_overrides
 from respec_plugin.core.report import ACCEPT_LENGTH, REWARD, ROLLOUT_TOKENS_PER_S, STEP_TIME
 
 RUNS = ("respec_one_thread", "respec", "vllm")
@@ -69,21 +69,22 @@ def run(lab, preset: str, name: str, args) -> dict:
     if shape.micro_batch_size is not None:
         extra += [f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={shape.micro_batch_size}",
                   f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={shape.micro_batch_size}"]
-    experiment_dir = common.OUTPUTS / f"bench_step_breakdown_{preset}" / name
-    argv, env = grpo_command(lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
-                             rollout_name="vllm" if name == "vllm" else "respec", total_steps=args.steps,
-                             train_batch_size=shape.train_batch_size, n=shape.n,
-                             max_prompt_length=shape.max_prompt_length, max_response_length=shape.max_response_length,
-                             kv_cache_memory_bytes=shape.kv_cache_memory_bytes, seed=args.seed, extra_overrides=extra)
-    if name == "respec_one_thread":
-        env = {**env, "OMP_NUM_THREADS": "1"}
-    result = run_logged(argv, env, experiment_dir / "verl.log", timeout_s=args.timeout_s)
+    # Ray's default for the workers it starts; the lab's launcher otherwise gives them every core.
+    env_overrides = {"OMP_NUM_THREADS": "1"} if name == "respec_one_thread" else {}
+    result = common.lab_grpo_run(lab, f"bench_step_breakdown_{preset}", name,
+                                 rollout_name="vllm" if name == "vllm" else "respec", timeout_s=args.timeout_s,
+                                 env_overrides=env_overrides, total_steps=args.steps,
+                                 train_batch_size=shape.train_batch_size, n=shape.n,
+                                 max_prompt_length=shape.max_prompt_length,
+                                 max_response_length=shape.max_response_length,
+                                 kv_cache_memory_bytes=shape.kv_cache_memory_bytes, seed=args.seed,
+                                 extra_overrides=extra)
     common.warn_if_cut_short(name, result)
     steps = {step: {key: value for key, value in metrics.items()
                     if key.startswith(TIMING_PREFIX) or key in REPORTED}
              for step, metrics in result.metrics.items()}
     return {"ok": result.ok, "returncode": result.returncode, "wall_s": result.wall_s, "log": str(result.log_path),
-            "omp_num_threads": env["OMP_NUM_THREADS"], "steps": steps}
+            "omp_num_threads": env_overrides.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)), "steps": steps}
 
 
 def stage_means(r: dict) -> dict[str, float]:
