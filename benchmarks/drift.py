@@ -2,11 +2,14 @@
 plus the day-0 run (learning from an untrained drafter) and optionally stock vLLM for reward parity.
 
     python benchmarks/drift.py [--preset tiny] [--steps 30] [--runs static,online_kd,online_rwkd,day0,vllm]
+                               [--seeds 0,1,2]
 
 Every run is stock verl GRPO from the same lab, seed and sizes; only the respec block differs. Acceptance length is
 respec's own per-step metric (tokens per verify step, bonus token included), reward is verl's ``critic/score/mean``.
 The actor learning rate is raised (``--actor-lr``) so the tiny actor drifts within a few dozen steps. Writes
-``benchmarks/results/drift.json`` and ``drift.png`` (``--name`` changes the stem).
+``benchmarks/results/drift.json`` and ``drift.png`` (``--name`` changes the stem). With several ``--seeds`` every run
+repeats once per seed and its summary is the mean over the seeds (``per_seed`` keeps each one): a single run's
+step-1 acceptance, the denominator of the ratios, varies by several per cent between seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import common
 from respec_lab.build import build_lab
 from respec_lab.launch import respec_overrides
 
-RUNS = ("static", "online_kd", "online_rwkd", "online_rwkd_floor", "day0", "vllm")
+RUNS = ("static", "online_kd", "online_kd_overlap", "online_rwkd", "online_rwkd_floor", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -28,6 +31,8 @@ def learner_runs(args) -> dict[str, dict]:
     """What sets each learner run apart; the rest of its learner block is shared (see :func:`overrides`)."""
     return {
         "online_kd": {"reward_weighting": "uniform"},
+        # Trained during the next rollout (learner.overlap): published one step later.
+        "online_kd_overlap": {"reward_weighting": "uniform", "overlap": True},
         "online_rwkd": {"reward_weighting": "reward"},  # ReSpec's w(r) = r: failed rollouts drop out
         # Failed rollouts keep a weight instead of dropping out.
         "online_rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
@@ -121,14 +126,18 @@ def summarise(name: str, r: dict) -> dict:
 
 def plot(report: dict, path: Path) -> None:
     plt = common.pyplot()
-    paired = {name: r for name, r in report["runs"].items() if (r.get("held_out_acceptance_initial") or [None])[0]}
+    first_seed = {name: next(iter(by_seed.values())) for name, by_seed in report["runs"].items()}
+    paired = {name: r for name, r in first_seed.items() if (r.get("held_out_acceptance_initial") or [None])[0]}
     fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4))
     ax_accept, ax_reward = axes[0], axes[1]
     colors = {name: f"C{i}" for i, name in enumerate(report["runs"])}  # one colour per run in every panel
-    for name, r in report["runs"].items():
-        if r["accept_length"][0] is not None:
-            ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=name, color=colors[name])
-        ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=name, color=colors[name])
+    for name, by_seed in report["runs"].items():
+        for index, r in enumerate(by_seed.values()):  # one colour per run, one line per seed
+            label = name if index == 0 else None
+            if r["accept_length"][0] is not None:
+                ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=label, color=colors[name],
+                               alpha=0.8)
+            ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=label, color=colors[name], alpha=0.8)
     ax_accept.set(xlabel="GRPO step", ylabel="tokens per verify step", title="Acceptance length per step")
     ax_reward.set(xlabel="GRPO step", ylabel="mean reward", title="Reward per step")
     ax_accept.legend()
@@ -141,7 +150,7 @@ def plot(report: dict, path: Path) -> None:
             ax_paired.plot(r["steps"], r["held_out_acceptance_initial"], linestyle="--", color=colors[name])
             ax_paired.plot(r["steps"], r["held_out_acceptance_ceiling"], linestyle=":", color=colors[name])
         ax_paired.set(xlabel="GRPO step", ylabel="p(greedy draft) per position",
-                      title="Held-out prompts: serving (solid), initial (dashed),\nceiling max p (dotted)")
+                      title="Held-out prompts (first seed): serving (solid), initial (dashed),\nceiling max p (dotted)")
         ax_paired.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"lab {report['preset']}: drafter drift, k={report['config']['num_speculative_tokens']}, "
                  f"actor lr {report['config']['actor_lr']}")
@@ -171,18 +180,32 @@ def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     return parser
 
 
+def over_seeds(by_seed: dict[str, dict]) -> dict:
+    """The mean over seeds of every figure each seed's summary has, with the seeds' own summaries in ``per_seed``."""
+    summaries = list(by_seed.values())
+    shared = [key for key, value in summaries[0].items()
+              if isinstance(value, (int, float)) and all(isinstance(s.get(key), (int, float)) for s in summaries)]
+    return {**{key: statistics.fmean(s[key] for s in summaries) for key in shared},
+            "seeds": len(summaries), "per_seed": by_seed}
+
+
 def main() -> None:
-    args = arguments().parse_args()
+    parser = arguments()
+    parser.add_argument("--seeds", help="comma-separated seeds: every run repeats per seed (default: --seed)")
+    args = parser.parse_args()
     common.setup_logging()
     names = common.selected(args.runs, RUNS, "--runs", "run")
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
 
     lab = build_lab(args.preset)
     report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "runs": {}, "summary": {}}
-    for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
-        report["runs"][name] = run(lab, name, args)
-        report["summary"][name] = summarise(name, report["runs"][name])
-        common.write_results(args.name, report, plot)
-        print(name, json.dumps(report["summary"][name]), flush=True)
+    for seed in seeds:
+        for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
+            runs = report["runs"].setdefault(name, {})
+            runs[str(seed)] = run(lab, name, argparse.Namespace(**{**vars(args), "seed": seed}))
+            report["summary"][name] = over_seeds({s: summarise(name, r) for s, r in runs.items()})
+            common.write_results(args.name, report, plot)
+            print(name, f"seed {seed}", json.dumps(report["summary"][name]["per_seed"][str(seed)]), flush=True)
 
 
 if __name__ == "__main__":
