@@ -134,10 +134,10 @@ def plot(report: dict, path: Path) -> None:
     for name, by_seed in report["runs"].items():
         for index, r in enumerate(by_seed.values()):  # one colour per run, one line per seed
             label = name if index == 0 else None
+            style = dict(marker="o", markersize=3, label=label, color=colors[name], alpha=0.8)
             if r["accept_length"][0] is not None:
-                ax_accept.plot(r["steps"], r["accept_length"], marker="o", markersize=3, label=label, color=colors[name],
-                               alpha=0.8)
-            ax_reward.plot(r["steps"], r["reward"], marker="o", markersize=3, label=label, color=colors[name], alpha=0.8)
+                ax_accept.plot(r["steps"], r["accept_length"], **style)
+            ax_reward.plot(r["steps"], r["reward"], **style)
     ax_accept.set(xlabel="GRPO step", ylabel="tokens per verify step", title="Acceptance length per step")
     ax_reward.set(xlabel="GRPO step", ylabel="mean reward", title="Reward per step")
     ax_accept.legend()

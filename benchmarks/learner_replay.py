@@ -48,6 +48,14 @@ def variants(args) -> dict[str, dict | None]:
         "static": None,
         "kd": {"reward_weighting": "uniform"},
         "kd_8_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 8},  # a smaller budget per RL step
+        "kd_48_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 48},
+        "kd_lr_1e-3": {"reward_weighting": "uniform", "learning_rate": 1e-3},
+        "kd_lr_4e-3": {"reward_weighting": "uniform", "learning_rate": 4e-3},
+        "kd_replay_2": {"reward_weighting": "uniform", "replay_steps": 2},  # the library default's window
+        "kd_replay_12": {"reward_weighting": "uniform", "replay_steps": 12},
+        "kd_batch_32": {"reward_weighting": "uniform", "batch_size": 32},
+        "kd_tv": {"reward_weighting": "uniform", "divergence": "tv"},
+        "kd_no_negative_feedback": {"reward_weighting": "uniform", "negative_feedback": 0.0},
         "rwkd": {"reward_weighting": "reward", "weight_floor": 0.0},
         "rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
     }
@@ -140,12 +148,12 @@ def main() -> None:
     parser = drift.arguments(__doc__)
     parser.add_argument("--record-dir", default=str(common.OUTPUTS / "learner_replay" / "record"))
     parser.add_argument("--skip-record", action="store_true", help="replay the steps already in --record-dir")
-    parser.add_argument("--variants", default="static,kd,kd_8_steps,rwkd,rwkd_floor")
+    parser.add_argument("--variants", help="comma-separated variants (default: all)")
     parser.set_defaults(name="learner_replay")
     args = parser.parse_args()
     common.setup_logging()
     table = variants(args)
-    names = common.selected(args.variants, table, "--variants", "variant")
+    names = common.selected(args.variants or ",".join(table), table, "--variants", "variant")
     torch.manual_seed(args.seed)
     lab = build_lab(args.preset)
     record_dir = Path(args.record_dir)

@@ -114,8 +114,9 @@ class LearnerConfig:
     # generates, so the RL step does not wait for the learner (it waits only where training outlasts the rollout),
     # at the cost of publishing each version one step later (the drafter distills the actor two updates behind).
     overlap: bool = False
-    # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only).
-    replay_steps: int = 2
+    # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only). A short
+    # window forgets faster than the actor drifts (benchmarks/README.md, learner replay).
+    replay_steps: int = 6
     # Tokens (prompt + response) of each step's trajectories the learner keeps, whole prompt groups chosen at random:
     # the actor ranks keep their features (aux hidden states, embeddings, the teacher's top-k) in memory until trained.
     max_tokens_per_step: int = 262144
