@@ -1,7 +1,7 @@
 """GRPO-shaped rollouts on the real-model lab (preset smollm2): stock vLLM against respec's speculation, static and
 tuned, and against the oracle.
 
-    python benchmarks/rollout_real.py [--prompts 8] [--repeats 3] [--calibration-rounds 4]
+    python benchmarks/rollout_real.py [--prompts 8] [--repeats 3] [--calibration-rounds 10]
                                       [--draft-sampling greedy|probabilistic] [--name rollout_real]
 
 A rollout is what verl's agent loop asks of vLLM in one GRPO step: ``--prompts`` prompts of the lab's validation
@@ -56,8 +56,9 @@ BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 15), (16, 31), (32, 63), (64, 128))
 def rollout(llm, prompts: list[list[int]], lengths: list[int] | None, max_tokens: int) -> dict:
     """One rollout of ``prompts`` x n samples at temperature 1: natural EOS up to ``max_tokens`` when ``lengths`` is
     None, else each sample generates exactly its length. Returns its wall seconds, the samples' lengths and, from an
-    EAGLE-3 engine, the per-request speculation records. No per-request seeds: vLLM CPU fails on a seeded request
-    whose prompt is prefilled in chunks (the engines are seeded when they start)."""
+    EAGLE-3 engine, the per-request speculation records. It starts from an empty prefix cache, as an RL step's new
+    prompts do (only the n samples of a prompt share its blocks). No per-request seeds: vLLM CPU fails on a seeded
+    request whose prompt is prefilled in chunks (the engines are seeded when they start)."""
     from vllm import SamplingParams
 
     n = SAMPLES_PER_PROMPT
@@ -68,6 +69,8 @@ def rollout(llm, prompts: list[list[int]], lengths: list[int] | None, max_tokens
         params = [SamplingParams(temperature=1.0, max_tokens=length, ignore_eos=True, detokenize=False)
                   for length in lengths]
         requests = [{"prompt_token_ids": p} for p in prompts for _ in range(n)]
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine refused to reset its prefix cache between rollouts")
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -284,7 +287,9 @@ def main() -> None:
     parser = common.argument_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout (n = 4 samples each)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--calibration-rounds", type=int, default=4)
+    # A trial in a bucket the rollout drains through in a few steps needs several rollouts to settle (the tuner's
+    # docstring); an RL run gives it hundreds.
+    parser.add_argument("--calibration-rounds", type=int, default=10)
     parser.add_argument("--default-k", type=int, default=3)
     parser.add_argument("--explore", type=float, default=0.1)
     parser.add_argument("--min-steps", type=int, default=8)
