@@ -51,7 +51,7 @@ def variants(args) -> dict[str, dict | None]:
         "kd_48_steps": {"reward_weighting": "uniform", "steps_per_rl_step": 48},
         "kd_lr_1e-3": {"reward_weighting": "uniform", "learning_rate": 1e-3},
         "kd_lr_4e-3": {"reward_weighting": "uniform", "learning_rate": 4e-3},
-        "kd_replay_2": {"reward_weighting": "uniform", "replay_steps": 2},  # the library default's window
+        "kd_replay_2": {"reward_weighting": "uniform", "replay_steps": 2},  # the earlier default window
         "kd_replay_12": {"reward_weighting": "uniform", "replay_steps": 12},
         "kd_batch_32": {"reward_weighting": "uniform", "batch_size": 32},
         "kd_tv": {"reward_weighting": "uniform", "divergence": "tv"},
