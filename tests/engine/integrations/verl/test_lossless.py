@@ -13,8 +13,8 @@ sum_x min(p(x), q(x)): p(d) for a greedy draft d (q one-hot, vLLM's default), an
 from the drafter's distribution q (respec's ``draft_sampling=probabilistic``); the first verify step's measured
 acceptance must match the sum of these over the samples (z-test). Plain vLLM goes through the same test (a control
 for the reference), greedy outputs of every drafter equal plain vLLM's, and a deliberately broken rejection sampler
-(accept every draft) is rejected. Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), the n-gram one in a
-spawned process (see ngram_first_draft).
+(accept every draft) is rejected. Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+the n-gram one in a spawned process (see ngram_first_draft).
 """
 
 from __future__ import annotations
