@@ -23,7 +23,8 @@ import common
 from respec_lab.build import build_lab
 from respec_lab.launch import respec_overrides
 
-RUNS = ("static", "online_kd", "online_kd_overlap", "online_rwkd", "online_rwkd_floor", "day0", "vllm")
+RUNS = ("static", "online_kd", "online_kd_sequential", "online_rwkd", "online_rwkd_floor",
+        "online_rwkd_floor_sequential", "day0", "vllm")
 DAY0_TARGET_ACCEPT_LENGTH = 2.0
 
 
@@ -31,11 +32,13 @@ def learner_runs(args) -> dict[str, dict]:
     """What sets each learner run apart; the rest of its learner block is shared (see :func:`overrides`)."""
     return {
         "online_kd": {"reward_weighting": "uniform"},
-        # Trained during the next rollout (learner.overlap): published one step later.
-        "online_kd_overlap": {"reward_weighting": "uniform", "overlap": True},
+        # Trained after the actor update instead of during the next rollout (learner.overlap, the default).
+        "online_kd_sequential": {"reward_weighting": "uniform", "overlap": False},
         "online_rwkd": {"reward_weighting": "reward"},  # ReSpec's w(r) = r: failed rollouts drop out
         # Failed rollouts keep a weight instead of dropping out.
         "online_rwkd_floor": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor},
+        "online_rwkd_floor_sequential": {"reward_weighting": "reward", "weight_floor": args.rwkd_floor,
+                                         "overlap": False},
         "day0": {"reward_weighting": args.day0_weighting},
     }
 
@@ -102,16 +105,15 @@ def summarise(name: str, r: dict) -> dict:
         steps_21_30 = [a for step, a in zip(r["steps"], accept) if 21 <= step <= 30 and a is not None]
         if steps_21_30:
             out["accept_length_ratio_21_30"] = statistics.fmean(steps_21_30) / accept[0]
-    if r.get("held_out_acceptance_initial") and r["held_out_acceptance_initial"][0] is not None:
-        # Paired, on the same held-out prompts of the same run: the serving drafter vs the one the run started from.
-        out["held_out_acceptance_mean_last_10"] = statistics.fmean(r["held_out_acceptance"][-10:])
-        out["held_out_acceptance_initial_mean_last_10"] = statistics.fmean(r["held_out_acceptance_initial"][-10:])
-        # A drafter equal to the actor: how much of the fall the actor itself causes (its entropy), on the same prompts.
-        ceiling = r["held_out_acceptance_ceiling"]
-        out["held_out_acceptance_ceiling_first_3"] = statistics.fmean(ceiling[:3])
-        out["held_out_acceptance_ceiling_mean_last_10"] = statistics.fmean(ceiling[-10:])
-        out["held_out_acceptance_first_3"] = statistics.fmean(r["held_out_acceptance"][:3])
-        out["held_out_acceptance_initial_first_3"] = statistics.fmean(r["held_out_acceptance_initial"][:3])
+    # Paired, on the same held-out prompts of the same run: the serving drafter vs the one the run started from, and
+    # a drafter equal to the actor (the ceiling: how much of the fall the actor itself causes, its entropy). The
+    # steps that report them (an overlapped learner reports its first a step later).
+    held_out = {key: [value for value in r.get(f"held_out_acceptance{key}") or [] if value is not None]
+                for key in ("", "_initial", "_ceiling")}
+    if held_out["_initial"]:
+        for key, values in held_out.items():
+            out[f"held_out_acceptance{key}_first_3"] = statistics.fmean(values[:3])
+            out[f"held_out_acceptance{key}_mean_last_10"] = statistics.fmean(values[-10:])
     out["step_s_mean"] = statistics.fmean(r["step_s"][1:])  # step 1 includes warm-up
     # The learner's training time on the actor ranks, and the part of the RL step the driver waited for it.
     for key, fraction in (("learner_train_s", "learner_train_fraction_of_step"),
@@ -192,6 +194,8 @@ def over_seeds(by_seed: dict[str, dict]) -> dict:
 def main() -> None:
     parser = arguments()
     parser.add_argument("--seeds", help="comma-separated seeds: every run repeats per seed (default: --seed)")
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="add these seeds' runs to the existing results file (same --name) instead of replacing it")
     args = parser.parse_args()
     common.setup_logging()
     names = common.selected(args.runs, RUNS, "--runs", "run")
@@ -199,6 +203,9 @@ def main() -> None:
 
     lab = build_lab(args.preset)
     report = {"preset": args.preset, "lab_sizes": lab.sizes, "config": vars(args), "runs": {}, "summary": {}}
+    if args.add_seeds:
+        report = json.loads((common.RESULTS / f"{args.name}.json").read_text())
+        report.setdefault("added", []).append(vars(args))
     for seed in seeds:
         for name in names:  # results are written after every run, so a cut-short benchmark keeps what it measured
             runs = report["runs"].setdefault(name, {})

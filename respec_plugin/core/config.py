@@ -111,9 +111,10 @@ class LearnerConfig:
     # device has no fast bfloat16) or "float32". The held-out check always runs in float32.
     precision: LearnerPrecision = "bfloat16"
     # Train during the next rollout instead of after the actor update: the actor ranks are idle while vLLM
-    # generates, so the RL step does not wait for the learner (it waits only where training outlasts the rollout),
-    # at the cost of publishing each version one step later (the drafter distills the actor two updates behind).
-    overlap: bool = False
+    # generates, so the RL step does not wait for the learner (it waits only where training outlasts the rollout).
+    # Each version is published one step later (the drafter distills the actor two updates behind), which cost no
+    # measurable acceptance (benchmarks/README.md, drift); False trains after the actor update instead.
+    overlap: bool = True
     # Replay buffer: trajectories of this many most recent RL steps are trained on (1 = this step only). A short
     # window forgets faster than the actor drifts (benchmarks/README.md, learner replay).
     replay_steps: int = 6

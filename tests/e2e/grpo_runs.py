@@ -28,7 +28,10 @@ TUNER = {"mode": "adaptive", "k_max": K_MAX, "explore": 0.5, "min_steps": 2}
 # The uniform ablation (every step has trajectories to learn from whatever the rewards), from the untrained day-0
 # drafter: a warm drafter on an actor that barely moves in 3 steps gains nothing, so its candidates would rightly
 # fail the held-out check and no version would be published.
-LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "reward_weighting": "uniform"}
+# Trained after the actor update (not learner.overlap, the default), so that each step's version and the checkpoint's
+# pending candidate are that step's; the two-rank run of tests/e2e/test_trainer_learner.py runs the default.
+LEARNER = {"enable": True, "steps_per_rl_step": 4, "learning_rate": 3e-3, "reward_weighting": "uniform",
+           "overlap": False}
 
 
 @dataclasses.dataclass(frozen=True)

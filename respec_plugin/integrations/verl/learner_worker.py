@@ -4,7 +4,8 @@ The learner lives where the actor lives, on every actor rank, data-parallel:
 - ``compute_log_prob`` (verl's old-log-prob forward) keeps the drafter's features of the selected rows, on the rank
   that computed them (integrations/verl/feature_capture.py); there is no second actor forward;
 - ``respec_train_drafter`` (after the actor update) trains a candidate drafter on them, gradients all-reduced over
-  the actor's ranks, and checks it on the held-out prompt groups;
+  the actor's ranks, and checks it on the held-out prompt groups; with ``learner.overlap`` (the default) it keeps
+  them, and the training runs during the next rollout, while the actor ranks are idle;
 - ``update_weights`` (verl's weight sync) pushes the candidate after the actor's weights, from each rank to its
   co-located vLLM worker, and re-pushes the serving drafter after every wake from sleep;
 - ``save_checkpoint`` / ``load_checkpoint`` keep the learner in ``global_step_<n>/respec_learner``, written before
