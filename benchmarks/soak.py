@@ -32,6 +32,7 @@ from pathlib import Path
 import common
 from respec_lab.build import build_lab
 from respec_lab.launch import grpo_command, parse_console_metrics, respec_overrides, run_logged
+from respec_plugin.core.config import LearnerConfig
 
 ROLES = (("driver", "TaskRunner"), ("actor_worker", "WorkerDict"), ("vllm_server", "ReSpecHttpServer"),
          ("vllm_engine_core", "EngineCore"), ("vllm_worker", "VLLM::Worker"), ("agent_loop", "AgentLoopWorker"),
@@ -118,7 +119,8 @@ class Monitor(threading.Thread):
 
 
 # The runs set against the soak: verl's own vLLM rollout, and respec with its tuner but without the learner.
-BASELINES = {"stock_vllm": {"stock": True, "learner": False}, "respec_without_learner": {"stock": False, "learner": False}}
+BASELINES = {"stock_vllm": {"stock": True, "learner": False},
+             "respec_without_learner": {"stock": False, "learner": False}}
 
 
 def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, stock: bool = False,
@@ -175,6 +177,11 @@ def slopes(runs: list[dict], key: str, warmup: int) -> dict[str, float | None]:
     return {name: statistics.fmean(values) for name, values in sorted(by_role.items())}
 
 
+def _decided(metrics: dict) -> float:
+    """Candidates the learner has decided on (published or refused) by this step's metrics."""
+    return metrics.get("respec/learner/published_version", -1) + metrics.get("respec/learner/rejected_versions", -1)
+
+
 def lost_after_resume(killed: dict, resumed: dict, kill_at: int, resumed_log: str) -> dict[str, bool]:
     """What the resumed run should carry on from the one killed at checkpoint ``kill_at`` (each True when kept)."""
     first = min(resumed) if resumed else None
@@ -188,11 +195,20 @@ def lost_after_resume(killed: dict, resumed: dict, kill_at: int, resumed_log: st
             f"{folder.name}/respec_learner: drafter v" in resumed_log,
         "tuner_state_restored_from_that_checkpoint": ("respec tuner: no saved state" not in resumed_log
                                                       and "restoring it from step" not in resumed_log),
-        "learner_counters_continue": (cont.get("respec/learner/published_version", -1)
-                                      + cont.get("respec/learner/rejected_versions", -1)) == kill_at + 1,
+        # The checkpoint's candidate is decided at the first resumed step, after the killed run's last one.
+        "learner_counters_continue": _decided(cont) > _decided(before) >= 0,
         "no_older_drafter_served": (cont.get("respec/drafter_version", -1)
                                     >= before.get("respec/learner/published_version", 0)),
     }
+
+
+def untrained_learner_steps(resumed: dict, kill_at: int, overlap: bool) -> int:
+    """RL steps whose rows the learner never trained on because of the kill: by the first resumed step, every step
+    up to it (with ``learner.overlap``: up to the one before) has had its candidate decided, unless the kill lost its
+    rows. Overlapped, the killed step's rows wait for the next rollout and are not in the checkpoint (the features are
+    too large to save); trained after the actor update, its candidate is."""
+    first = min(resumed)
+    return int(first - (1 if overlap else 0) - _decided(resumed[first]))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -292,6 +308,8 @@ def main() -> None:
         "lost_after_resume": sum(not kept for kept in lost.values()),
         "drafter_restores": max((m.get("respec/drafter_restores", 0.0) for m in metrics.values()), default=None),
         "kept_across_the_kill": lost,
+        "untrained_learner_steps_across_the_kill": untrained_learner_steps(resumed, args.kill_at,
+                                                                           LearnerConfig().overlap),
         "config": vars(args),
         "metrics": {str(k): v for k, v in metrics.items()},
         "samples": {"killed": {str(k): v for k, v in killed_samples.items()},
@@ -299,7 +317,8 @@ def main() -> None:
     }
     report["baseline_stock_vllm"] = baseline(lab, args, report)
     print(json.dumps({k: report[k] for k in ("steps", "rss_slope_mb_per_100_steps", "fd_slope_per_100_steps",
-                                             "disk_bytes_final", "lost_after_resume", "kept_across_the_kill")},
+                                             "disk_bytes_final", "lost_after_resume", "kept_across_the_kill",
+                                             "untrained_learner_steps_across_the_kill")},
                      indent=2))
     common.write_results("soak", report, plot)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -53,10 +54,14 @@ class LearnerSession:
         self._pending: Candidate | None = None
         self._metrics: dict[str, float] = {}
         self._publish_s = 0.0
-        # learner.overlap: the step's rows and weights waiting for the weight sync, the thread training on them, and
-        # the metrics of the last training it finished.
+        # learner.overlap: the step's rows and weights waiting for the weight sync, the trainings queued for the
+        # learner's thread, whether one is running, and the metrics of the last one it finished. One daemon thread
+        # for the whole run: a thread started per step leaves per-thread native state behind (benchmarks/README.md,
+        # soak), and a daemon never holds up the worker's exit.
         self._scheduled: tuple[list[SequenceFeatures], Mapping[int, float], int] | None = None
-        self._thread: threading.Thread | None = None
+        self._trainings: queue.SimpleQueue | None = None
+        self._idle = threading.Event()
+        self._idle.set()
         self._train_metrics: dict[str, float] = {}
         self._wait_s = 0.0
         self._stop = threading.Event()
@@ -112,10 +117,8 @@ class LearnerSession:
         """Stop the overlapped training after its current optimizer step and wait for it (before the actor's next
         forward, or a checkpoint); the wait is ``wait_s``."""
         start = time.perf_counter()
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+        self._stop.set()
+        self._idle.wait()
         self._wait_s = time.perf_counter() - start
 
     def _start_scheduled(self) -> None:
@@ -129,8 +132,19 @@ class LearnerSession:
         def run() -> None:
             self._train_metrics = self._train(captured, row_weights, step, self._stop)
 
-        self._thread = threading.Thread(target=run, name="respec-learner", daemon=True)
-        self._thread.start()
+        if self._trainings is None:
+            self._trainings = queue.SimpleQueue()
+            threading.Thread(target=self._run_trainings, name="respec-learner", daemon=True).start()
+        self._idle.clear()
+        self._trainings.put(run)
+
+    def _run_trainings(self) -> None:
+        while True:
+            training = self._trainings.get()
+            try:
+                training()
+            finally:
+                self._idle.set()
 
     def _record(self, step: int, sequences: list[SequenceFeatures]) -> None:
         """``learner.record_dir``: this rank's features of the step, for offline learner comparisons."""

@@ -120,7 +120,7 @@ def test_overlapped_training_runs_after_the_weight_sync_and_publishes_a_step_lat
     session.add_captured(_rows())
     assert session.train(rows, step=1, overlap=True) == {}  # kept, not trained: the RL step does not wait
     asyncio.run(session.publish(engine, resync=False))  # step 1's sync: nothing to publish yet, training starts
-    assert engine.pushed == [] and session._thread is not None
+    assert engine.pushed == [] and not session._idle.is_set()
     session.join()  # the next old-log-prob forward waits for it
     session.begin_capture()
     session.add_captured(_rows())
