@@ -1,7 +1,7 @@
 """What the co-located online learner costs an RL step: stock verl GRPO with respec, on the demo lab (whose
 drafter-to-actor size ratio is closer to a real model's) and on the tiny lab, three runs each, one after the other:
-the learner off (the same static drafter), the learner after the actor update (the default), and the learner during
-the next rollout (``learner.overlap``).
+the learner off (the same static drafter), the learner after the actor update (``learner.overlap=False``), and the
+learner during the next rollout (``learner.overlap``, the default).
 
     python benchmarks/learner_cost.py [--steps 10] [--presets demo,tiny]
 

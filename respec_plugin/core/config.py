@@ -82,9 +82,9 @@ def _from_mapping(cls, block: Mapping[str, Any] | None, prefix: str):
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """The online drafter learner (``respec.learner.*``): reward-weighted KD of the drafter between RL steps."""
+    """The online drafter learner (``respec.learner.*``): reward-weighted KD of the drafter as the actor trains."""
 
-    # Switch the learner on: after each actor update, train the drafter on the step's trajectories and hot-swap it.
+    # Switch the learner on: train the drafter on each step's trajectories and hot-swap it into the engines.
     enable: bool = False
     # Per-token divergence D(p_actor || q_drafter): "forward_kl" (ReSpec) or "tv" (1 - acceptance probability).
     divergence: Divergence = "forward_kl"
@@ -145,8 +145,8 @@ class LearnerConfig:
                       fix="use a number in [0, 1).")
         _check_number("learner.negative_feedback", self.negative_feedback, 0.0, float("inf"), low_open=False,
                       high_open=True, fix="use a coefficient >= 0 (0 turns it off).")
-        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps", "max_tokens_per_step",
-                    "every_n_steps"):
+        for key in ("top_k", "steps_per_rl_step", "batch_size", "num_draft_steps", "replay_steps",
+                    "max_tokens_per_step", "every_n_steps"):
             _check_int(f"learner.{key}", getattr(self, key), 1)
         for key in ("max_time_s", "learning_rate"):
             _check_number(f"learner.{key}", getattr(self, key), 0.0, float("inf"), low_open=True, high_open=True,

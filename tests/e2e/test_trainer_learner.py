@@ -1,10 +1,11 @@
 """End to end: stock verl GRPO with ``rollout.name=respec`` and the co-located online learner switched on in the respec
 block (the shared run of tests/e2e/grpo_runs.py, tuner on too). The learner runs on verl's actor ranks: it keeps the
-drafter's features from verl's own old-log-prob forward, trains after the actor update, pushes each version from the
-actor ranks to their engines in the weight sync, and it serves the next rollout; the driver only sends row weights and
-receives metrics; its state lands in verl's checkpoint folder before verl marks it the latest, and the run, killed
-after that checkpoint and resumed, serves the restored drafter and continues its versions. A second run has two actor
-ranks (two rollout replicas) and verl's bypass mode, where respec runs its own forward over the kept rows."""
+drafter's features from verl's own old-log-prob forward, trains after the actor update (``overlap=False``), pushes
+each version from the actor ranks to their engines in the weight sync, and it serves the next rollout; the driver
+only sends row weights and receives metrics; its state lands in verl's checkpoint folder before verl marks it the
+latest, and the run, killed after that checkpoint and resumed, serves the restored drafter and continues its
+versions. A second run has two actor ranks (two rollout replicas), verl's bypass mode, where respec runs its own
+forward over the kept rows, and the default ``learner.overlap``."""
 
 import json
 import signal
@@ -85,7 +86,8 @@ def test_learner_records_each_steps_features_on_the_actor_ranks(killed_run):
     assert len(rows) == SEQUENCES and sorted(r["row"] for r in rows) == list(range(SEQUENCES))
     for row in rows:
         length = row["token_ids"].numel()
-        assert row["aux_hidden_states"].shape[0] == row["input_embeds"].shape[0] == row["target_probs"].shape[0] == length
+        assert (row["aux_hidden_states"].shape[0] == row["input_embeds"].shape[0] == row["target_probs"].shape[0]
+                == length)
         assert 0 < row["loss_mask"].sum() < length  # the response is learned, the prompt is not
         torch.testing.assert_close(row["target_probs"].sum(-1), torch.ones(length))
     assert sum(row["held_out"] for row in rows) > 0
