@@ -142,7 +142,7 @@ class LearnerSession:
         while True:
             training = self._trainings.get()
             try:
-                training()  # catches every Exception itself
+                training()
             except BaseException:  # noqa: BLE001 -- the thread must outlive it, or the next join() would wait forever
                 logger.exception("respec learner: the overlapped training was interrupted")
             finally:
