@@ -38,6 +38,16 @@ class DrafterPusher(Protocol):
         """None when the engine serves ``version`` now, else why it refused it (it then keeps the old one)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _ScheduledTraining:
+    """``learner.overlap``: a step's kept rows (None: their capture failed) and trajectory weights, waiting for the
+    weight sync to start training on them."""
+
+    captured: list[SequenceFeatures] | None
+    row_weights: Mapping[int, float]
+    step: int
+
+
 class LearnerSession:
     """The learner of one actor rank: :meth:`add_captured` during the old-log-prob forward, :meth:`train` after the
     actor update, :meth:`publish` in the weight sync, :meth:`status` for the step's metrics."""
@@ -58,7 +68,7 @@ class LearnerSession:
         # learner's thread, whether one is running, and the metrics of the last one it finished. One daemon thread
         # for the whole run: a thread started per step leaves per-thread native state behind (benchmarks/README.md,
         # soak), and a daemon never holds up the worker's exit.
-        self._scheduled: tuple[list[SequenceFeatures], Mapping[int, float], int] | None = None
+        self._scheduled: _ScheduledTraining | None = None
         self._trainings: queue.SimpleQueue | None = None
         self._idle = threading.Event()
         self._idle.set()
@@ -88,7 +98,7 @@ class LearnerSession:
         if self._capture_failed:
             captured = None
         if overlap:
-            self._scheduled = (captured, row_weights, step)
+            self._scheduled = _ScheduledTraining(captured, row_weights, step)
             return {}
         return self._train(captured, row_weights, step)
 
@@ -122,15 +132,13 @@ class LearnerSession:
         self._wait_s = time.perf_counter() - start
 
     def _start_scheduled(self) -> None:
-        if self._scheduled is None:
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is None:
             return
-        captured, row_weights, step = self._scheduled
-        self._scheduled = None
-
-        self._stop = threading.Event()
+        stop = self._stop = threading.Event()
 
         def run() -> None:
-            self._train_metrics = self._train(captured, row_weights, step, self._stop)
+            self._train_metrics = self._train(scheduled.captured, scheduled.row_weights, scheduled.step, stop)
 
         if self._trainings is None:
             self._trainings = queue.SimpleQueue()
