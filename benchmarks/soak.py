@@ -7,13 +7,21 @@ While verl runs, every second the benchmark reads /proc for every process of the
 workers, the vLLM engines): its resident memory and open file descriptors, tagged with the step verl last logged.
 After each step it also measures respec's files on disk (its state in the checkpoints, the tuner's control
 directories). Per process role it fits a line through the per-step peaks (steps after the first 10, each run on its
-own) and reports the slope per 100 steps. The kill comes within milliseconds of verl marking the step-50
-checkpoint as the latest, inside that step (before its weight sync and metrics): the moment a run lost respec's state
-when respec wrote it after verl's marker. Across it the benchmark checks that nothing is lost: the resumed run
-continues at the step after the checkpoint, restores the learner's and the tuner's state from that very checkpoint,
-carries on the learner's counters, and serves no older drafter than the killed run had. Then the same job runs as
-a baseline with verl's own vLLM rollout, monitored the same way (``--baseline-only respec_without_learner`` adds
-another, respec with the tuner but no learner, to the committed result). Writes ``benchmarks/results/soak.{json,png}``.
+own) and reports the slope per 100 steps; and again over each run's later half, which a level that settles early
+does not reach (``--refit`` fits the committed samples again).
+
+The kill comes within milliseconds of verl marking the step-50 checkpoint as the latest, inside that step (before its
+weight sync and metrics): the moment a run lost respec's state when respec wrote it after verl's marker. Across it
+the benchmark checks that nothing is lost: the resumed run continues at the step after the checkpoint, restores the
+learner's and the tuner's state from that very checkpoint, carries on the learner's counters, and serves no older
+drafter than the killed run had. Then the same job runs as a baseline with verl's own vLLM rollout, monitored the
+same way (``--baseline-only NAME`` adds another of ``BASELINES`` to the committed result). Writes
+``benchmarks/results/soak.{json,png}``.
+
+Every process runs with oneDNN's primitive cache off (``--onednn-cache 0``). vLLM's CPU GEMMs and torch's CPU
+kernels keep one compiled oneDNN primitive per new shape, up to 1024 per process by default. Within 100 steps that
+cache is still filling, in stock verl as much as in respec: its growth looks linear and would hide a real leak,
+though it is bounded and CPU-only. The ``stock_vllm_default_onednn_cache`` baseline shows it.
 """
 
 from __future__ import annotations
@@ -118,15 +126,18 @@ class Monitor(threading.Thread):
         self.join()
 
 
-# The runs set against the soak: verl's own vLLM rollout, and respec with its tuner but without the learner.
+# The runs set against the soak: verl's own vLLM rollout, and respec with its tuner but without the learner (both
+# with the soak's oneDNN cache), and verl's own rollout with oneDNN's default cache.
 BASELINES = {"stock_vllm": {"stock": True, "learner": False},
-             "respec_without_learner": {"stock": False, "learner": False}}
+             "respec_without_learner": {"stock": False, "learner": False},
+             "stock_vllm_default_onednn_cache": {"stock": True, "learner": False, "onednn_cache": -1}}
 
 
 def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, stock: bool = False,
-             learner: bool = True, steps: int | None = None) -> tuple[dict, dict]:
+             learner: bool = True, steps: int | None = None, onednn_cache: int | None = None) -> tuple[dict, dict]:
     """One GRPO run (killed as it marks checkpoint ``kill_at`` the latest, or to the end), monitored; its metrics
-    and samples. ``stock``: verl's own vLLM rollout instead of respec's; ``learner``: respec's learner on."""
+    and samples. ``stock``: verl's own vLLM rollout instead of respec's; ``learner``: respec's learner on;
+    ``onednn_cache``: oneDNN's primitive cache capacity in every process (-1: oneDNN's default; None: ``args``')."""
     learner_block = {"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4} if learner else {}
     respec = [] if stock else respec_overrides(
         drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
@@ -140,6 +151,9 @@ def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None
             f"trainer.save_freq={args.save_freq}", "trainer.resume_mode=auto",
             f"trainer.max_actor_ckpt_to_keep={args.keep}",
         ])
+    capacity = args.onednn_cache if onednn_cache is None else onednn_cache
+    if capacity >= 0:
+        env = {**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(capacity)}
     log_path = experiment_dir / log_name
     monitor = Monitor(log_path, experiment_dir / "checkpoints")
     monitor.start()
@@ -161,20 +175,56 @@ def _slope_per_100(points: list[tuple[int, float]]) -> float | None:
     return 100 * sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var if var else None
 
 
-def slopes(runs: list[dict], key: str, warmup: int) -> dict[str, float | None]:
-    """Per role, the slope per 100 steps of the per-step peaks, fitted on each run's steps after ``warmup`` and
-    averaged over the runs (a resumed run starts its processes afresh)."""
+def slopes(runs: list[dict], key: str, warmup: int, later_half: bool = False) -> dict[str, float | None]:
+    """Per role, the slope per 100 steps of the per-step peaks, fitted on each run's steps after ``warmup`` (with
+    ``later_half``: on the later half of each run's steps) and averaged over the runs (a resumed run starts its
+    processes afresh). The later half tells a level that settles (one-off allocations at the first checkpoints, a
+    cache that fills) from growth that goes on."""
     by_role: dict[str, list[float]] = defaultdict(list)
     for samples in runs:
-        first = min(samples) if samples else 0
+        # The last is partial: the step a kill cut short, or the shutdown after the end. The first of a resumed run
+        # is its start-up (tagged 1: it has logged no step yet), so the warm-up counts sampled steps, not step numbers.
+        steps = sorted(samples)[:-1]
+        if not steps:
+            continue
+        start = steps[len(steps) // 2] if later_half else steps[min(warmup + 1, len(steps) - 1)]
         names = {name for record in samples.values() for name in record[key]}
         for name in names:
-            points = [(step, record[key][name]) for step, record in sorted(samples.items())
-                      if step > first + warmup and name in record[key]]
+            points = [(step, samples[step][key][name]) for step in steps
+                      if step >= start and name in samples[step][key]]
             slope = _slope_per_100(points)
             if slope is not None:
                 by_role[name].append(slope)
     return {name: statistics.fmean(values) for name, values in sorted(by_role.items())}
+
+
+def fitted(runs: list[dict], warmup: int) -> dict[str, dict[str, float | None]]:
+    """The report's slope keys for ``runs`` (per-step samples keyed by int step)."""
+    return {
+        "rss_slope_mb_per_100_steps": slopes(runs, "rss_mb", warmup),
+        "rss_slope_mb_per_100_steps_later_half": slopes(runs, "rss_mb", warmup, later_half=True),
+        "fd_slope_per_100_steps": slopes(runs, "fds", warmup),
+        "fd_slope_per_100_steps_later_half": slopes(runs, "fds", warmup, later_half=True),
+    }
+
+
+def _excess(report: dict, base: dict) -> dict[str, float]:
+    """Per role, the soak's slope minus the baseline's."""
+    base_slopes = base["rss_slope_mb_per_100_steps"]
+    return {name: slope - base_slopes[name]
+            for name, slope in report["rss_slope_mb_per_100_steps"].items() if name in base_slopes}
+
+
+def refit(report: dict, warmup: int) -> None:
+    """Fit the slopes of a written report again from its samples (after a change to how they are fitted)."""
+    def by_step(samples: dict) -> dict:
+        return {int(step): record for step, record in samples.items()}
+
+    report.update(fitted([by_step(samples) for samples in report["samples"].values()], warmup))
+    for key, base in report.items():
+        if key.startswith("baseline_"):
+            base.update(fitted([by_step(base["samples"])], warmup))
+            base["respec_excess_rss_mb_per_100_steps"] = _excess(report, base)
 
 
 def _decided(metrics: dict) -> float:
@@ -252,17 +302,13 @@ def baseline(lab, args, report: dict, name: str = "stock_vllm") -> dict:
     Per role, ``respec_excess`` is the soak's slope minus the baseline's."""
     experiment_dir = common.OUTPUTS / f"bench_soak_baseline_{name}"
     shutil.rmtree(experiment_dir, ignore_errors=True)  # a run of its own, not a resume of an earlier one
+    options = {"onednn_cache": args.onednn_cache, **BASELINES[name]}
     metrics, samples = soak_run(lab, args, experiment_dir, "verl.log", kill_at=None, steps=args.baseline_steps,
-                                **BASELINES[name])
-    rss = slopes([samples], "rss_mb", args.warmup)
-    return {
-        "steps": max(metrics) if metrics else 0,
-        "rss_slope_mb_per_100_steps": rss,
-        "fd_slope_per_100_steps": slopes([samples], "fds", args.warmup),
-        "respec_excess_rss_mb_per_100_steps": {
-            name: slope - rss[name] for name, slope in report["rss_slope_mb_per_100_steps"].items() if name in rss},
-        "samples": {str(k): v for k, v in samples.items()},
-    }
+                                **options)
+    result = {"steps": max(metrics) if metrics else 0, "onednn_cache": options["onednn_cache"],
+              **fitted([samples], args.warmup)}
+    return {**result, "respec_excess_rss_mb_per_100_steps": _excess(report, result),
+            "samples": {str(k): v for k, v in samples.items()}}
 
 
 def main() -> None:
@@ -275,10 +321,19 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=7200)
     parser.add_argument("--baseline-steps", type=int, default=50,
                         help="steps of a baseline run, whose slopes the soak's are set against")
+    parser.add_argument("--onednn-cache", type=int, default=0,
+                        help="oneDNN's primitive cache capacity in every process of the runs (-1: oneDNN's default)")
     parser.add_argument("--baseline-only", default=None, choices=sorted(BASELINES),
                         help="run only this baseline and add it to the committed benchmarks/results/soak.json")
+    parser.add_argument("--refit", action="store_true",
+                        help="fit the slopes of the committed benchmarks/results/soak.json again from its samples")
     args = parser.parse_args()
     common.setup_logging()
+    if args.refit:
+        report = json.loads((common.RESULTS / "soak.json").read_text())
+        refit(report, report["config"]["warmup"])
+        common.write_results("soak", report, plot)
+        return
     lab = build_lab("tiny")
     if args.baseline_only:
         report = json.loads((common.RESULTS / "soak.json").read_text())
@@ -301,8 +356,7 @@ def main() -> None:
     report = {
         "steps": max(metrics) if metrics else 0,
         "kill_at": args.kill_at,
-        "rss_slope_mb_per_100_steps": slopes(runs, "rss_mb", args.warmup),
-        "fd_slope_per_100_steps": slopes(runs, "fds", args.warmup),
+        **fitted(runs, args.warmup),
         "disk_bytes_final": respec_disk_bytes(experiment_dir / "checkpoints"),
         "disk_bytes_peak": final_disk,
         "lost_after_resume": sum(not kept for kept in lost.values()),
@@ -316,7 +370,8 @@ def main() -> None:
                     "resumed": {str(k): v for k, v in resumed_samples.items()}},
     }
     report["baseline_stock_vllm"] = baseline(lab, args, report)
-    print(json.dumps({k: report[k] for k in ("steps", "rss_slope_mb_per_100_steps", "fd_slope_per_100_steps",
+    print(json.dumps({k: report[k] for k in ("steps", "rss_slope_mb_per_100_steps",
+                                             "rss_slope_mb_per_100_steps_later_half", "fd_slope_per_100_steps",
                                              "disk_bytes_final", "lost_after_resume", "kept_across_the_kill",
                                              "untrained_learner_steps_across_the_kill")},
                      indent=2))
