@@ -30,6 +30,7 @@ from respec_lab.registry_model import SMOLLM2_135M_INSTRUCT
 from respec_lab.stopwatch import Stopwatch
 from respec_lab.models import (
     ActorSpec,
+    PaddedBatch,
     SupervisionSpec,
     build_actor,
     chat_prompt_ids,
@@ -258,8 +259,8 @@ def _write_manifest(preset: str, spec: LabPreset | RealModelPreset, out: Path, a
     logger.info("lab %s built in %.0f s: sizes %s metrics %s", preset, metrics["build_s"]["total"], sizes, metrics)
 
 
-def _rollouts(actor, tokenizer, prompts: list[list[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Temperature-1 samples as right-padded (input_ids, attention_mask, response_mask)."""
+def _rollouts(actor, tokenizer, prompts: list[list[int]], seed: int) -> PaddedBatch:
+    """Temperature-1 samples, right-padded."""
     responses = sample_responses(actor, prompts, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=seed)
     return pad_batch(list(zip(prompts, responses)), tokenizer.pad_token_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,9 +22,15 @@ from respec_plugin.core.drafter.warmup import (
     precompute_features,
     warmup_loss,
 )
+from respec_lab.models import PaddedBatch
 
-# Right-padded (input_ids, attention_mask, response_mask) of prompt + response sequences, as models.pad_batch makes.
-Rollouts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+class WindowedFeatures(NamedTuple):
+    """The actor's features of right-padded sequences, with the sequences' ids and response mask."""
+
+    input_ids: torch.Tensor
+    features: TargetFeatures
+    response_mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -45,14 +52,14 @@ class BuiltDrafters:
     metrics: dict
 
 
-def build_drafters(actor, warmup: Rollouts, held_out: Rollouts, spec: DrafterSpec, day0_dir: Path,
+def build_drafters(actor, warmup: PaddedBatch, held_out: PaddedBatch, spec: DrafterSpec, day0_dir: Path,
                    warmed_dir: Path, seed: int, feature_batch_size: int = 64,
                    context_tokens: int | None = None) -> BuiltDrafters:
     """Saves the day-0 drafter (version 0) to ``day0_dir`` and the warmed-up one (version 1) to ``warmed_dir``;
     ``feature_batch_size`` sequences go through the actor at once when its features are computed. With
     ``context_tokens``, the drafter trains and is measured on windows of each sequence: that many prompt tokens
     before the response, then the response (see :func:`windowed_features`)."""
-    counts = torch.bincount(warmup[0][warmup[2]], minlength=actor.config.vocab_size)
+    counts = torch.bincount(warmup.input_ids[warmup.response_mask], minlength=actor.config.vocab_size)
     config = config_for_actor(actor.config.to_dict(), spec.draft_vocab_size,
                               spec.eagle_aux_hidden_state_layer_ids or None)
     draft_token_ids = draft_vocab_from_counts(counts, config.draft_vocab_size)
@@ -69,7 +76,7 @@ def build_drafters(actor, warmup: Rollouts, held_out: Rollouts, spec: DrafterSpe
     save_drafter(drafter, warmed_dir, drafter_version=1)
     warmed_acceptance = offline_acceptance(drafter, held_out_ids, held_out_features, held_out_mask,
                                            spec.distill.num_draft_steps)
-    held_out_counts = torch.bincount(held_out[0][held_out[2]], minlength=actor.config.vocab_size)
+    held_out_counts = torch.bincount(held_out.input_ids[held_out.response_mask], minlength=actor.config.vocab_size)
     return BuiltDrafters(drafter, {
         "drafter_final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "offline_acceptance_day0": day0_acceptance,
@@ -80,15 +87,16 @@ def build_drafters(actor, warmup: Rollouts, held_out: Rollouts, spec: DrafterSpe
 
 
 @torch.no_grad()
-def windowed_features(actor, drafter: Eagle3Drafter, rollouts: Rollouts, batch_size: int,
-                      context_tokens: int | None) -> tuple[torch.Tensor, TargetFeatures, torch.Tensor]:
-    """The actor's features of ``rollouts`` as (input_ids, features, response_mask). Without ``context_tokens``,
+def windowed_features(actor, drafter: Eagle3Drafter, rollouts: PaddedBatch, batch_size: int,
+                      context_tokens: int | None) -> WindowedFeatures:
+    """The actor's features of ``rollouts``. Without ``context_tokens``,
     whole sequences. With it, each row keeps only its response and the ``context_tokens`` prompt tokens before it,
     re-padded on the right: the features still come from the actor's forward over the whole prompt, but a long
     few-shot prompt no longer multiplies the drafter's training cost and the features held in memory."""
     input_ids, attention_mask, response_mask = rollouts
     if context_tokens is None:
-        return input_ids, precompute_features(actor, drafter, input_ids, attention_mask, batch_size), response_mask
+        return WindowedFeatures(input_ids, precompute_features(actor, drafter, input_ids, attention_mask, batch_size),
+                                response_mask)
     windows, chunks = [], []
     for first in range(0, input_ids.shape[0], batch_size):
         rows = slice(first, first + batch_size)
@@ -101,9 +109,9 @@ def windowed_features(actor, drafter: Eagle3Drafter, rollouts: Rollouts, batch_s
                                          chunk.draft_logprobs[row, start:end]))
     padded = {name: torch.nn.utils.rnn.pad_sequence([getattr(c, name) for c in chunks], batch_first=True)
               for name in ("input_embeds", "aux_hidden_states", "draft_logprobs")}
-    return (torch.nn.utils.rnn.pad_sequence([ids for ids, _ in windows], batch_first=True),
-            TargetFeatures(**padded),
-            torch.nn.utils.rnn.pad_sequence([mask for _, mask in windows], batch_first=True))
+    return WindowedFeatures(torch.nn.utils.rnn.pad_sequence([ids for ids, _ in windows], batch_first=True),
+                            TargetFeatures(**padded),
+                            torch.nn.utils.rnn.pad_sequence([mask for _, mask in windows], batch_first=True))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -121,9 +122,15 @@ def supervised_examples(
     ]
 
 
-def pad_batch(
-    examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class PaddedBatch(NamedTuple):
+    """Right-padded prompt + response sequences."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+
+def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> PaddedBatch:
     """Right-pads (prompt, response) pairs into input_ids, attention_mask and a response mask."""
     length = max(len(p) + len(r) for p, r in examples)
     input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
@@ -134,7 +141,7 @@ def pad_batch(
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         response_mask[row, len(prompt) : len(ids)] = True
-    return input_ids, attention_mask, response_mask
+    return PaddedBatch(input_ids, attention_mask, response_mask)
 
 
 def supervise_actor(
