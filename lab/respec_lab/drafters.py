@@ -89,10 +89,10 @@ def build_drafters(actor, warmup: PaddedBatch, held_out: PaddedBatch, spec: Draf
 @torch.no_grad()
 def windowed_features(actor, drafter: Eagle3Drafter, rollouts: PaddedBatch, batch_size: int,
                       context_tokens: int | None) -> WindowedFeatures:
-    """The actor's features of ``rollouts``. Without ``context_tokens``,
-    whole sequences. With it, each row keeps only its response and the ``context_tokens`` prompt tokens before it,
-    re-padded on the right: the features still come from the actor's forward over the whole prompt, but a long
-    few-shot prompt no longer multiplies the drafter's training cost and the features held in memory."""
+    """The actor's features of ``rollouts``: of whole sequences without ``context_tokens``. With it, each row keeps
+    only its response and the ``context_tokens`` prompt tokens before it, re-padded on the right: the features still
+    come from the actor's forward over the whole prompt, but a long few-shot prompt no longer multiplies the
+    drafter's training cost and the features held in memory."""
     input_ids, attention_mask, response_mask = rollouts
     if context_tokens is None:
         return WindowedFeatures(input_ids, precompute_features(actor, drafter, input_ids, attention_mask, batch_size),
