@@ -126,40 +126,44 @@ class Monitor(threading.Thread):
         self.join()
 
 
-# The runs set against the soak (``soak_run`` options): verl's own vLLM rollout, without and with vLLM's own EAGLE-3
-# speculation, and respec with its tuner but without the learner (all with the soak's oneDNN cache); and verl's own
+# What generates the rollouts (``soak_run``'s ``rollout``): respec with its learner and tuner (the soak itself), respec
+# with its tuner only, verl's own vLLM rollout, and verl's own rollout speculating with the same day-0 drafter, k = 3,
+# through vLLM's ``speculative_config`` (what respec's engine runs, without respec).
+ROLLOUTS = ("respec", "respec_tuner_only", "vllm", "vllm_eagle3")
+# The runs set against the soak (``soak_run`` options): all with the soak's oneDNN cache but the last, verl's own
 # rollout with oneDNN's default cache.
-BASELINES = {"stock_vllm": {"stock": True, "learner": False},
-             "stock_vllm_eagle3": {"stock": True, "learner": False, "stock_eagle3": True},
-             "respec_without_learner": {"stock": False, "learner": False},
-             "stock_vllm_default_onednn_cache": {"stock": True, "learner": False, "onednn_cache": -1}}
+BASELINES = {"stock_vllm": {"rollout": "vllm"},
+             "stock_vllm_eagle3": {"rollout": "vllm_eagle3"},
+             "respec_without_learner": {"rollout": "respec_tuner_only"},
+             "stock_vllm_default_onednn_cache": {"rollout": "vllm", "onednn_cache": -1}}
 
 
-def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, stock: bool = False,
-             learner: bool = True, steps: int | None = None, onednn_cache: int | None = None,
-             stock_eagle3: bool = False) -> tuple[dict, dict]:
-    """One GRPO run (killed as it marks checkpoint ``kill_at`` the latest, or to the end), monitored; its metrics
-    and samples. ``stock``: verl's own vLLM rollout instead of respec's; ``learner``: respec's learner on;
-    ``onednn_cache``: oneDNN's primitive cache capacity in every process (-1: oneDNN's default; None: ``args``');
-    ``stock_eagle3``: verl's own rollout speculates with the same day-0 drafter, k = 3, through vLLM's
-    ``speculative_config`` (what respec's engine runs, without respec)."""
-    learner_block = {"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4} if learner else {}
-    if not stock:
-        rollout = respec_overrides(
-            drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
-            tuner={"mode": "adaptive", "k_max": 4, "min_steps": 2}, learner=learner_block)
-    elif stock_eagle3:
+def rollout_overrides(lab, rollout: str) -> list[str]:
+    """The Hydra overrides that make ``rollout`` (one of :data:`ROLLOUTS`) generate the run's rollouts."""
+    if rollout.startswith("respec"):
+        learner = {"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4} if rollout == "respec" else {}
+        return respec_overrides(drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
+                                tuner={"mode": "adaptive", "k_max": 4, "min_steps": 2}, learner=learner)
+    if rollout == "vllm_eagle3":
         speculative_config = {"method": "eagle3", "model": lab.day0_drafter_dir, "num_speculative_tokens": 3}
-        rollout = [f"+actor_rollout_ref.rollout.engine_kwargs.vllm.speculative_config.{key}={value}"
-                   for key, value in speculative_config.items()]
-    else:
-        rollout = []
+        return [f"+actor_rollout_ref.rollout.engine_kwargs.vllm.speculative_config.{key}={value}"
+                for key, value in speculative_config.items()]
+    if rollout == "vllm":
+        return []
+    raise ValueError(f"unknown rollout {rollout!r}: expected one of {', '.join(ROLLOUTS)}")
+
+
+def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, rollout: str = "respec",
+             steps: int | None = None, onednn_cache: int | None = None) -> tuple[dict, dict]:
+    """One GRPO run (killed as it marks checkpoint ``kill_at`` the latest, or to the end), monitored; its metrics
+    and samples. ``rollout``: one of :data:`ROLLOUTS`; ``onednn_cache``: oneDNN's primitive cache capacity in every
+    process (-1: oneDNN's default; None: ``args``')."""
     argv, env = grpo_command(
         lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
-        rollout_name="vllm" if stock else "respec", total_steps=steps or args.steps, train_batch_size=4, n=4,
-        max_response_length=48,
+        rollout_name="respec" if rollout.startswith("respec") else "vllm", total_steps=steps or args.steps,
+        train_batch_size=4, n=4, max_response_length=48,
         extra_overrides=[
-            *rollout,
+            *rollout_overrides(lab, rollout),
             f"trainer.save_freq={args.save_freq}", "trainer.resume_mode=auto",
             f"trainer.max_actor_ckpt_to_keep={args.keep}",
         ])
