@@ -1,5 +1,5 @@
-"""Copies of the tiny lab's drafter with one thing wrong, shared by the unit test of the drafter checks and the CLI
-bad-input test."""
+"""Copies of the tiny lab's drafter with one thing wrong, shared by the unit test of the drafter checks and the bad
+inputs of tests/bad_inputs.py."""
 
 from __future__ import annotations
 
