@@ -11,9 +11,10 @@ probability 0.1 and 0.3: 0.048) is rejected with probability >= 0.99 (noncentral
 samples drawn from the reference itself gave uniform p-values. A drafted token is accepted with probability
 sum_x min(p(x), q(x)): p(d) for a greedy draft d (q one-hot, vLLM's default), and 1 - TV(p, q) for a draft sampled
 from the drafter's distribution q (respec's ``draft_sampling=probabilistic``); the first verify step's measured
-acceptance must match the sum of these over the samples (z-test). Plain vLLM goes through the same test (a control
-for the reference), greedy outputs of every drafter equal plain vLLM's, and a deliberately broken rejection sampler
-(accept every draft) is rejected. Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+acceptance must match the sum of these over the samples (z-test; an exact count where top-p leaves every draft
+certain to be accepted or rejected). Plain vLLM goes through the same test (a control for the reference), greedy
+outputs of every drafter equal plain vLLM's, and a deliberately broken rejection sampler (accept every draft) is
+rejected. Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
 the n-gram one in a spawned process (see ngram_first_draft).
 """
 
@@ -345,9 +346,10 @@ class FirstDraft:
 
 def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: list[int],
                  sequences: list[tuple[int, ...]], first_steps: list, temperature: float, top_p: float
-                 ) -> tuple[float, float, int]:
+                 ) -> tuple[float, float, float, int]:
     """(measured accepted, expected accepted = sum over samples of sum_x min(p(x), q(x)) after (context, x1),
-    variance) of the first drafted token at the first verify step, over the samples whose drafter proposed one."""
+    variance, drafted samples) of the first drafted token at the first verify step, over the samples whose drafter
+    proposed one."""
     distinct_x1 = sorted({s[0] for s in sequences})
     probs = next_token_probs(actor, [context + [x1] for x1 in distinct_x1], temperature, top_p)
     accept_prob = {}
@@ -358,6 +360,7 @@ def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: 
         draft = first_draft(config, context, x1)
         accept_prob[x1] = None if draft is None else float(row[draft])
     measured = expected = variance = 0.0
+    drafted = 0
     for sequence, step in zip(sequences, first_steps):
         p = accept_prob[sequence[0]]
         if p is None:
@@ -366,7 +369,8 @@ def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: 
         measured += step[1] > 0
         expected += p
         variance += p * (1 - p)
-    return measured, expected, variance
+        drafted += 1
+    return measured, expected, variance, drafted
 
 
 @pytest.fixture(scope="module")
@@ -394,10 +398,16 @@ def test_acceptance_matches_sum_of_min_p_q(sampled, actor, contexts, first_draft
     config = _respec_config(speculation, tiny_lab, draft_model_dir)
     run = sampled(speculation)
     measured = expected = variance = 0.0
+    drafted = 0
     for context, sequences, steps in zip(contexts, run.sequences[setting], run.first_step[setting]):
-        m, e, v = acceptance_z(first_draft, actor, config, context, sequences, steps, *setting)
-        measured, expected, variance = measured + m, expected + e, variance + v
-    assert variance > 0, "no drafted token to check"
+        m, e, v, d = acceptance_z(first_draft, actor, config, context, sequences, steps, *setting)
+        measured, expected, variance, drafted = measured + m, expected + e, variance + v, drafted + d
+    assert drafted > 0, "no drafted token to check"
+    if variance == 0:  # every draft is certain to be accepted (p = 1) or rejected (p = 0): no z-test, an exact count
+        assert measured == expected, (
+            f"{_name(speculation)} at {setting}: {measured:.0f} of {drafted} certain first drafts accepted, "
+            f"expected {expected:.0f}")
+        return
     z = (measured - expected) / math.sqrt(variance)
     assert two_sided_normal_p(z) >= ALPHA, (
         f"{_name(speculation)} at {setting}: {measured:.0f} first drafts accepted, expected {expected:.1f} (z={z:.1f})")
@@ -437,6 +447,6 @@ def test_a_lossy_rejection_sampler_is_caught(in_process_engines, tiny_lab, conte
         _shutdown(llm)
     p_value, g, df = lossless_p_value(broken.sequences[setting], references[setting])
     assert p_value < ALPHA, f"G={g:.1f}, df={df}, p={p_value:.2e}: the broken sampler went unnoticed"
-    measured, expected, _ = acceptance_z(first_draft, actor, config, contexts[0], broken.sequences[setting][0],
-                                         broken.first_step[setting][0], *setting)
+    measured, expected, _, _ = acceptance_z(first_draft, actor, config, contexts[0], broken.sequences[setting][0],
+                                            broken.first_step[setting][0], *setting)
     assert measured > expected + 0.1 * NUM_SAMPLES
