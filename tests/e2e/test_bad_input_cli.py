@@ -2,7 +2,7 @@
 exits non-zero before verl builds a worker or an engine, within seconds (printed), with respec's error naming the
 key (or file), the bad value and the fix.
 
-One case per kind of check, in the order the trainer runs them, because each launch starts Ray (20-35 s here).
+One case per kind of check, in the order the trainer runs them: each launch starts Ray, which takes most of its time.
 Every case of ``tests/bad_inputs.py`` goes through the same checks in process, on the same composed config, in
 tests/unit/integrations/verl/test_startup_checks.py."""
 
