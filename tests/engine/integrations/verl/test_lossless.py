@@ -344,12 +344,26 @@ class FirstDraft:
         return self._aux_hidden_states[key]
 
 
-def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: list[int],
-                 sequences: list[tuple[int, ...]], first_steps: list, temperature: float, top_p: float
-                 ) -> tuple[float, float, float, int]:
-    """(measured accepted, expected accepted = sum over samples of sum_x min(p(x), q(x)) after (context, x1),
-    variance, drafted samples) of the first drafted token at the first verify step, over the samples whose drafter
-    proposed one."""
+@dataclass(frozen=True)
+class FirstDraftAcceptance:
+    """Over the samples whose drafter proposed a first token at the first verify step: how many were accepted
+    (``measured``), the sum over them of sum_x min(p(x), q(x)) after (context, x1) (``expected``), its variance, and
+    how many there were (``drafted``). Sums over contexts add up."""
+
+    measured: float = 0.0
+    expected: float = 0.0
+    variance: float = 0.0
+    drafted: int = 0
+
+    def __add__(self, other: FirstDraftAcceptance) -> FirstDraftAcceptance:
+        return FirstDraftAcceptance(self.measured + other.measured, self.expected + other.expected,
+                                    self.variance + other.variance, self.drafted + other.drafted)
+
+
+def first_draft_acceptance(first_draft: FirstDraft, actor, config: ReSpecConfig, context: list[int],
+                           sequences: list[tuple[int, ...]], first_steps: list, temperature: float, top_p: float
+                           ) -> FirstDraftAcceptance:
+    """The first drafted token's acceptance after ``context``, measured by vLLM and expected from the actor."""
     distinct_x1 = sorted({s[0] for s in sequences})
     probs = next_token_probs(actor, [context + [x1] for x1 in distinct_x1], temperature, top_p)
     accept_prob = {}
@@ -370,7 +384,7 @@ def acceptance_z(first_draft: FirstDraft, actor, config: ReSpecConfig, context: 
         expected += p
         variance += p * (1 - p)
         drafted += 1
-    return measured, expected, variance, drafted
+    return FirstDraftAcceptance(measured, expected, variance, drafted)
 
 
 @pytest.fixture(scope="module")
@@ -397,20 +411,19 @@ def test_acceptance_matches_sum_of_min_p_q(sampled, actor, contexts, first_draft
                                            speculation, setting) -> None:
     config = _respec_config(speculation, tiny_lab, draft_model_dir)
     run = sampled(speculation)
-    measured = expected = variance = 0.0
-    drafted = 0
+    total = FirstDraftAcceptance()
     for context, sequences, steps in zip(contexts, run.sequences[setting], run.first_step[setting]):
-        m, e, v, d = acceptance_z(first_draft, actor, config, context, sequences, steps, *setting)
-        measured, expected, variance, drafted = measured + m, expected + e, variance + v, drafted + d
-    assert drafted > 0, "no drafted token to check"
-    if variance == 0:  # every draft is certain to be accepted (p = 1) or rejected (p = 0): no z-test, an exact count
-        assert measured == expected, (
-            f"{_name(speculation)} at {setting}: {measured:.0f} of {drafted} certain first drafts accepted, "
-            f"expected {expected:.0f}")
+        total += first_draft_acceptance(first_draft, actor, config, context, sequences, steps, *setting)
+    assert total.drafted > 0, "no drafted token to check"
+    if total.variance == 0:  # every draft certain to be accepted (p = 1) or rejected (p = 0): an exact count
+        assert total.measured == total.expected, (
+            f"{_name(speculation)} at {setting}: {total.measured:.0f} of {total.drafted} certain first drafts "
+            f"accepted, expected {total.expected:.0f}")
         return
-    z = (measured - expected) / math.sqrt(variance)
+    z = (total.measured - total.expected) / math.sqrt(total.variance)
     assert two_sided_normal_p(z) >= ALPHA, (
-        f"{_name(speculation)} at {setting}: {measured:.0f} first drafts accepted, expected {expected:.1f} (z={z:.1f})")
+        f"{_name(speculation)} at {setting}: {total.measured:.0f} first drafts accepted, expected "
+        f"{total.expected:.1f} (z={z:.1f})")
 
 
 @pytest.mark.parametrize("speculation", [s for s in SPECULATION if s is not None], ids=_name)
@@ -447,6 +460,6 @@ def test_a_lossy_rejection_sampler_is_caught(in_process_engines, tiny_lab, conte
         _shutdown(llm)
     p_value, g, df = lossless_p_value(broken.sequences[setting], references[setting])
     assert p_value < ALPHA, f"G={g:.1f}, df={df}, p={p_value:.2e}: the broken sampler went unnoticed"
-    measured, expected, _, _ = acceptance_z(first_draft, actor, config, contexts[0], broken.sequences[setting][0],
-                                            broken.first_step[setting][0], *setting)
-    assert measured > expected + 0.1 * NUM_SAMPLES
+    acceptance = first_draft_acceptance(first_draft, actor, config, contexts[0], broken.sequences[setting][0],
+                                        broken.first_step[setting][0], *setting)
+    assert acceptance.measured > acceptance.expected + 0.1 * NUM_SAMPLES
