@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from respec_lab.launch import respec_overrides
+from respec_lab.launch import grpo_command, respec_overrides
 from respec_plugin.core.checkpoint_files import LATEST_STEP_FILE, LEARNER_STATE_DIR, TUNER_STATE_FILE, step_folder
 from respec_plugin.core.learner.loop import STATE_FILE as LEARNER_STATE_FILE
 from tests.damaged_drafters import damaged_drafter
@@ -110,10 +110,10 @@ def damaged_resume(experiment_dir: Path, kind: str) -> None:
         (folder / LEARNER_STATE_DIR / LEARNER_STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
 
 
-def bad_input_overrides(case: Case, lab, experiment_dir: Path) -> list[str]:
-    """The Hydra overrides that put ``case`` into a lab GRPO command whose checkpoints go to ``experiment_dir``:
-    the respec block over a valid one (the lab's drafter, k = 3), with the drafter copy or the checkpoint the case
-    damages made under ``experiment_dir``."""
+def bad_input_command(case: Case, lab, experiment_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Argv and environment of a one-step lab GRPO command with ``case`` in it, its checkpoints in
+    ``experiment_dir``: the respec block over a valid one (the lab's drafter, k = 3), with the drafter copy or the
+    checkpoint the case damages made under ``experiment_dir``."""
     block = {"drafter_path": lab.drafter_dir, "num_speculative_tokens": 3, **case.respec}
     if case.damage and case.damage.startswith("resume"):
         damaged_resume(experiment_dir, case.damage)
@@ -122,4 +122,6 @@ def bad_input_overrides(case: Case, lab, experiment_dir: Path) -> list[str]:
     respec = respec_overrides(**{k: v for k, v in block.items() if v is not None})
     if block.get("drafter_path") is None:
         respec.append("+actor_rollout_ref.rollout.custom.respec.drafter_path=null")
-    return [*respec, *case.overrides, "trainer.resume_mode=auto"]
+    return grpo_command(lab.train_parquet, lab.val_parquet, lab.actor_dir, experiment_dir=experiment_dir,
+                        rollout_name="respec", total_steps=1,
+                        extra_overrides=[*respec, *case.overrides, "trainer.resume_mode=auto"])

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from respec_lab.launch import grpo_command, run_logged  # noqa: E402
-from tests.bad_inputs import CASES, bad_input_overrides  # noqa: E402
+from respec_lab.launch import run_logged  # noqa: E402
+from tests.bad_inputs import CASES, bad_input_command  # noqa: E402
 
 # Markers of a worker or an engine being built: none may appear before the refusal.
 BUILT = ("WorkerDict", "EngineCore", "ReSpecHttpServer", "init_model")
@@ -27,9 +27,7 @@ CLI_CASES = ("k_not_an_integer", "speculative_config_too", "learner_with_async_t
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_bad_input_fails_fast_through_verls_cli(name, tiny_lab, tmp_path):
     case = CASES[name]
-    argv, env = grpo_command(tiny_lab.train_parquet, tiny_lab.val_parquet, tiny_lab.actor_dir, experiment_dir=tmp_path,
-                             rollout_name="respec", total_steps=1,
-                             extra_overrides=bad_input_overrides(case, tiny_lab, tmp_path))
+    argv, env = bad_input_command(case, tiny_lab, tmp_path)
     start = time.monotonic()
     result = run_logged(argv, env, tmp_path / "verl.log", timeout_s=TIMEOUT_S)
     elapsed = time.monotonic() - start

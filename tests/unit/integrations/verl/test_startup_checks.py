@@ -10,10 +10,10 @@ import verl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from respec_lab.launch import VERL_MAIN, grpo_command, override_key
+from respec_lab.launch import VERL_MAIN, override_key
 from respec_plugin.core.config import ReSpecConfig, ReSpecConfigError
 from respec_plugin.integrations.verl.startup_checks import check_at_startup
-from tests.bad_inputs import CASES, Case, bad_input_overrides
+from tests.bad_inputs import CASES, Case, bad_input_command
 
 VERL_CONFIG_DIR = Path(verl.__file__).parent / "trainer" / "config"  # main_ppo's @hydra.main(config_path="config")
 
@@ -34,18 +34,14 @@ def _check_as_the_trainer_does(config: DictConfig) -> None:
 
 
 def test_the_lab_command_without_bad_input_passes(tiny_lab, tmp_path):
-    argv, _ = grpo_command(tiny_lab.train_parquet, tiny_lab.val_parquet, tiny_lab.actor_dir, experiment_dir=tmp_path,
-                           rollout_name="respec", total_steps=1,
-                           extra_overrides=bad_input_overrides(Case(), tiny_lab, tmp_path))
+    argv, _ = bad_input_command(Case(), tiny_lab, tmp_path)
     _check_as_the_trainer_does(_verl_config(argv))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_refused_with_key_value_and_fix(name, tiny_lab, tmp_path):
     case = CASES[name]
-    argv, _ = grpo_command(tiny_lab.train_parquet, tiny_lab.val_parquet, tiny_lab.actor_dir, experiment_dir=tmp_path,
-                           rollout_name="respec", total_steps=1,
-                           extra_overrides=bad_input_overrides(case, tiny_lab, tmp_path))
+    argv, _ = bad_input_command(case, tiny_lab, tmp_path)
     with pytest.raises(ReSpecConfigError) as refused:
         _check_as_the_trainer_does(_verl_config(argv))
     for phrase in case.expect:
