@@ -140,6 +140,8 @@ BASELINES = {"stock_vllm": {"rollout": "vllm"},
 
 def rollout_overrides(lab, rollout: str) -> list[str]:
     """The Hydra overrides that make ``rollout`` (one of :data:`ROLLOUTS`) generate the run's rollouts."""
+    if rollout not in ROLLOUTS:
+        raise ValueError(f"unknown rollout {rollout!r}: expected one of {', '.join(ROLLOUTS)}")
     if rollout.startswith("respec"):
         learner = {"enable": True, "reward_weighting": "uniform", "steps_per_rl_step": 4} if rollout == "respec" else {}
         return respec_overrides(drafter_path=lab.day0_drafter_dir, num_speculative_tokens=3,
@@ -148,9 +150,7 @@ def rollout_overrides(lab, rollout: str) -> list[str]:
         speculative_config = {"method": "eagle3", "model": lab.day0_drafter_dir, "num_speculative_tokens": 3}
         return [f"+actor_rollout_ref.rollout.engine_kwargs.vllm.speculative_config.{key}={value}"
                 for key, value in speculative_config.items()]
-    if rollout == "vllm":
-        return []
-    raise ValueError(f"unknown rollout {rollout!r}: expected one of {', '.join(ROLLOUTS)}")
+    return []  # vllm
 
 
 def soak_run(lab, args, experiment_dir: Path, log_name: str, kill_at: int | None, rollout: str = "respec",
